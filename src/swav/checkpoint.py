@@ -1,0 +1,119 @@
+"""State dicts in the official SwAV layout: strict import into our model, export back.
+
+Official files are flat state dicts: torchvision ResNet keys at the top level, plus
+``projection_head.{0,1,3}.*`` and ``prototypes.weight`` (or ``prototypes.prototypes{i}.weight``),
+usually with a ``module.`` prefix from DistributedDataParallel. Our ``SwAVModel`` keeps the
+backbone under ``backbone.``. Loading is strict: a missing, unexpected or misshapen key is an
+error that lists them.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from swav.models import SwAVModel, resnet_kwargs_from_state_dict
+from swav.models.resnet import ResNet
+
+__all__ = [
+    "StateDictMismatchError", "strip_prefixes", "official_to_model_keys", "model_to_official_keys",
+    "load_official_state_dict", "model_from_official_state_dict",
+]
+
+KNOWN_PREFIXES = ("module.", "_orig_mod.")
+_HEAD_PREFIXES = ("projection_head.", "prototypes.")
+
+
+class StateDictMismatchError(ValueError):
+    """A state dict whose keys or shapes differ from the model's; the message lists them."""
+
+    def __init__(self, what: str, missing=(), unexpected=(), shapes=()):
+        self.missing, self.unexpected, self.shapes = list(missing), list(unexpected), list(shapes)
+        parts = [what]
+        for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
+                             ("shape mismatches", self.shapes)):
+            if items:
+                shown = ", ".join(items[:30]) + (f", ... ({len(items) - 30} more)" if len(items) > 30 else "")
+                parts.append(f"{len(items)} {title}: {shown}")
+        super().__init__("; ".join(parts))
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=KNOWN_PREFIXES) -> dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from torch.compile), repeatedly."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if key.startswith(p):
+                    key, changed = key[len(p):], True
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice once prefixes {prefixes} are removed")
+        out[key] = value
+    return out
+
+
+def official_to_model_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official (prefix-free) names -> our SwAVModel names (backbone under ``backbone.``)."""
+    return {(k if k.startswith(_HEAD_PREFIXES) else "backbone." + k): v for k, v in state_dict.items()}
+
+
+def model_to_official_keys(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Our SwAVModel names -> official names (``prefix="module."`` reproduces released files)."""
+    out = {}
+    for k, v in state_dict.items():
+        name = k[len("backbone."):] if k.startswith("backbone.") else k
+        out[prefix + name] = v
+    return out
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str,
+                     rename=lambda k: k) -> None:
+    """Raise StateDictMismatchError unless ``given`` has exactly the keys and shapes of ``expected``."""
+    missing = sorted(rename(k) for k in set(expected) - set(given))
+    unexpected = sorted(rename(k) for k in set(given) - set(expected))
+    shapes = sorted(
+        f"{rename(k)} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in set(expected) & set(given)
+        if tuple(given[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or shapes:
+        raise StateDictMismatchError(what, missing, unexpected, shapes)
+
+
+def _official_name(key: str) -> str:
+    return key[len("backbone."):] if key.startswith("backbone.") else key
+
+
+def load_official_state_dict(model: SwAVModel, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load an official-layout state dict (with or without ``module.``) into ``model``, strictly."""
+    mapped = official_to_model_keys(strip_prefixes(state_dict))
+    check_state_dict(model.state_dict(), mapped, "official state dict does not fit this model", _official_name)
+    model.load_state_dict(mapped, strict=True)
+
+
+def model_from_official_state_dict(state_dict: Mapping[str, torch.Tensor], *, normalize: bool = True) -> SwAVModel:
+    """Build a SwAVModel whose architecture is read off an official state dict, and load it strictly."""
+    sd = strip_prefixes(state_dict)
+    backbone_sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_PREFIXES)}
+    kw = resnet_kwargs_from_state_dict(backbone_sd)
+    backbone = ResNet(kw.pop("block"), kw.pop("layers"), **kw)
+    if "projection_head.3.weight" in sd:
+        hidden, feat = sd["projection_head.0.weight"].shape[0], sd["projection_head.3.weight"].shape[0]
+    elif "projection_head.0.weight" in sd:
+        hidden, feat = 0, sd["projection_head.0.weight"].shape[0]
+    else:
+        raise StateDictMismatchError("official state dict has no projection head", missing=["projection_head.0.weight"])
+    if "prototypes.weight" in sd:
+        nmb = int(sd["prototypes.weight"].shape[0])
+    else:
+        heads = sorted(int(k.split(".")[1][len("prototypes"):]) for k in sd
+                       if k.startswith("prototypes.prototypes") and k.endswith(".weight"))
+        if not heads:
+            raise StateDictMismatchError("official state dict has no prototypes", missing=["prototypes.weight"])
+        nmb = [int(sd[f"prototypes.prototypes{i}.weight"].shape[0]) for i in range(len(heads))]
+    model = SwAVModel(backbone, hidden_mlp=hidden, feat_dim=feat, nmb_prototypes=nmb, normalize=normalize)
+    load_official_state_dict(model, sd)
+    return model
+

@@ -1,0 +1,207 @@
+"""ResNets with torchvision's state-dict key names and the official SwAV constructor's widths.
+
+Widths follow the official SwAV ``resnet50.py``: with ``width_per_group`` W and ``widen`` w, the
+stem has W*w channels, the four stages have planes W*w * (1, 2, 4, 8), a bottleneck's inner width
+is int(planes * W / 64) and its output planes * 4. W = 64, w = 1 is torchvision's ResNet; the wide
+SwAV models RN50-w2/w4/w5 multiply every width (they are not torchvision's wide_resnet50_2).
+For basic blocks (ResNet-18/34) the stage planes are W*w * (1, 2, 4, 8).
+
+Key names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ..., ``fc``) so weights move
+both ways. The small-image stem (3x3 stride-1 conv, no max-pool) keeps 28-64 px inputs from being
+downsampled 4x before the first stage.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet_kwargs_from_state_dict", "RESNET_SPECS"]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 width_per_group: int = 64):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 width_per_group: int = 64):
+        super().__init__()
+        width = int(planes * (width_per_group / 64.0))  # inner width of the official constructor
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = conv3x3(width, width, stride)  # stride on the 3x3 conv (ResNet v1.5, as official)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+# name -> (block, layers, widen)
+RESNET_SPECS: dict[str, tuple[type[nn.Module], list[int], int]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2], 1),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], 1),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], 1),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], 1),
+    "resnet152": (Bottleneck, [3, 8, 36, 3], 1),
+    "resnet50w2": (Bottleneck, [3, 4, 6, 3], 2),
+    "resnet50w4": (Bottleneck, [3, 4, 6, 3], 4),
+    "resnet50w5": (Bottleneck, [3, 4, 6, 3], 5),
+}
+
+
+class ResNet(nn.Module):
+    """A ResNet backbone. ``forward`` returns pooled features (B, num_features), or logits when
+    ``num_classes > 0``; ``forward_features`` returns the last feature map.
+
+    Args:
+        block, layers: block type and blocks per stage.
+        width_per_group: W of the official constructor (64 = standard widths).
+        widen: width multiplier w (RN50-w2/w4/w5).
+        in_chans: input channels (1 for grayscale data such as Fashion-MNIST).
+        small_stem: 3x3 stride-1 first conv and no max-pool, for 28-64 px images.
+        num_classes: size of the final ``fc`` layer; 0 = no fc (SwAV pretraining).
+        zero_init_residual: start each residual branch's last BatchNorm at zero.
+    """
+
+    def __init__(self, block: type[nn.Module], layers: list[int], *, width_per_group: int = 64, widen: int = 1,
+                 in_chans: int = 3, small_stem: bool = False, num_classes: int = 0, zero_init_residual: bool = False):
+        super().__init__()
+        base = width_per_group * widen
+        self.width_per_group = width_per_group
+        self.inplanes = base
+        if small_stem:
+            self.conv1 = nn.Conv2d(in_chans, base, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            # official: ConstantPad2d(1) + padding 2 == torchvision's padding 3
+            self.conv1 = nn.Conv2d(in_chans, base, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(base)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, base, layers[0])
+        self.layer2 = self._make_layer(block, base * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, base * 8, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.num_features = base * 8 * block.expansion
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else None
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.constant_(m.bn3.weight, 0)
+                elif isinstance(m, BasicBlock):
+                    nn.init.constant_(m.bn2.weight, 0)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample, self.width_per_group)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes, 1, None, self.width_per_group) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> last feature map (B, num_features, h, w)."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> pooled features (B, num_features), or logits when fc exists."""
+        x = torch.flatten(self.avgpool(self.forward_features(x)), 1)
+        return x if self.fc is None else self.fc(x)
+
+
+_BLOCK_KEY = re.compile(r"^layer(\d)\.(\d+)\.")
+
+
+def resnet_kwargs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Infer the constructor arguments of a ResNet from its (prefix-free) state dict.
+
+    Returns a dict with ``block``, ``layers``, ``width_per_group``, ``widen``, ``in_chans``,
+    ``small_stem`` and ``num_classes``. Raises ValueError naming what is missing.
+    """
+    if "conv1.weight" not in state_dict or "layer1.0.conv1.weight" not in state_dict:
+        found = sorted(state_dict)[:8]
+        raise ValueError(f"not a ResNet state dict: no 'conv1.weight' / 'layer1.0.conv1.weight' (first keys: {found})")
+    counts = [0, 0, 0, 0]
+    for key in state_dict:
+        m = _BLOCK_KEY.match(key)
+        if m:
+            stage, idx = int(m.group(1)) - 1, int(m.group(2))
+            counts[stage] = max(counts[stage], idx + 1)
+    if min(counts) == 0:
+        raise ValueError(f"ResNet state dict lacks a stage: blocks per stage {counts}")
+    bottleneck = "layer1.0.conv3.weight" in state_dict
+    stem = state_dict["conv1.weight"]
+    stem_width = stem.shape[0]
+    in_chans = stem.shape[1]
+    small_stem = stem.shape[-1] == 3
+    if bottleneck:
+        inner = state_dict["layer1.0.conv1.weight"].shape[0]  # = stem_width * W / 64
+        width_per_group = (64 * inner) // stem_width
+        if width_per_group < 1 or stem_width % width_per_group:
+            raise ValueError(f"cannot infer width_per_group from stem {stem_width} and inner width {inner}")
+        widen = stem_width // width_per_group
+    else:
+        width_per_group, widen = stem_width, 1
+    fc = state_dict.get("fc.weight")
+    return {
+        "block": Bottleneck if bottleneck else BasicBlock,
+        "layers": counts,
+        "width_per_group": width_per_group,
+        "widen": widen,
+        "in_chans": in_chans,
+        "small_stem": small_stem,
+        "num_classes": 0 if fc is None else fc.shape[0],
+    }

@@ -1,0 +1,119 @@
+"""The SwAV feature queue (paper Sec. 4, "small batches"): embeddings of earlier batches that
+enlarge the set Sinkhorn equipartitions when the batch is small.
+
+Official semantics, per assignment crop i:
+  * the queue takes part once it is full (its last row is non-zero) or once it has taken part
+    before (a flag shared by every crop);
+  * its scores z_queue C^T are computed with the current prototypes and put before the batch's;
+  * then it shifts down by B and the batch's embeddings are written at its front (newest first).
+
+Each rank holds ``length // world_size`` rows. The state goes into the checkpoint as one global
+tensor (gathered over ranks) so that a run can resume with another number of ranks; the global
+order is (position, rank), i.e. by age, newest first, and a new rank r takes every w-th entry.
+Imports only torch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["FeatureQueue"]
+
+
+class FeatureQueue:
+    """Per-rank queue of embeddings, shape (n_assign, L_local, D).
+
+    Args:
+        n_assign: number of assignment crops (``len(crops_for_assign)``), one queue each.
+        length: queue rows on this rank (the global length divided by the number of ranks).
+        dim: embedding dimension D.
+    """
+
+    def __init__(self, n_assign: int, length: int, dim: int, *, device=None, dtype=torch.float32):
+        if n_assign < 1 or length < 1 or dim < 1:
+            raise ValueError(f"FeatureQueue needs n_assign, length, dim >= 1, got {n_assign}, {length}, {dim}")
+        self.buffer = torch.zeros(n_assign, length, dim, device=device, dtype=dtype)
+        self.in_use = False
+
+    @property
+    def length(self) -> int:
+        return self.buffer.shape[1]
+
+    def is_full(self, i: int) -> bool:
+        """Whether queue i has been filled once (its oldest row is non-zero). Host sync."""
+        return bool(torch.any(self.buffer[i, -1] != 0))
+
+    @torch.no_grad()
+    def push_and_score(
+        self,
+        i: int,
+        batch_scores: torch.Tensor | list[torch.Tensor],
+        embedding: torch.Tensor,
+        prototypes: torch.Tensor | list[torch.Tensor],
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Scores to give Sinkhorn for assignment crop i, then enqueue this batch's embeddings.
+
+        Args:
+            i: index into crops_for_assign.
+            batch_scores: (B, K) scores of this crop (a list, one per prototype head, for several).
+            embedding: (B, D) normalised embeddings z of this crop.
+            prototypes: (K, D) prototype matrix C (a list for several heads).
+
+        Returns:
+            (L + B, K) = [z_queue C^T ; batch scores] when the queue is in use, else the batch
+            scores unchanged (a list for several heads).
+        """
+        several = isinstance(batch_scores, (list, tuple))
+        scores_list = list(batch_scores) if several else [batch_scores]
+        protos = list(prototypes) if several else [prototypes]
+        b = embedding.shape[0]
+        if b > self.length:
+            raise ValueError(f"queue of {self.length} rows per rank is shorter than the batch of {b}")
+        if self.in_use or self.is_full(i):
+            self.in_use = True
+            queue_i = self.buffer[i].float()  # scores of old embeddings with the current prototypes
+            scores_list = [torch.cat((queue_i @ c.detach().float().t(), s.float())) for s, c in zip(scores_list, protos)]
+        # shift down by B (oldest rows fall off), newest at the front
+        self.buffer[i, b:] = self.buffer[i, :-b].clone()
+        self.buffer[i, :b] = embedding.detach().to(self.buffer.dtype)
+        return scores_list if several else scores_list[0]
+
+    # --- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's state (use ``global_state_dict`` in a distributed run)."""
+        return {"buffer": self.buffer.detach().cpu().clone(), "in_use": bool(self.in_use)}
+
+    def load_state_dict(self, state: dict) -> None:
+        buf = state["buffer"]
+        if tuple(buf.shape) != tuple(self.buffer.shape):
+            raise ValueError(
+                f"queue state has shape {tuple(buf.shape)}, this run's queue is {tuple(self.buffer.shape)}"
+            )
+        self.buffer.copy_(buf.to(self.buffer.device, self.buffer.dtype))
+        self.in_use = bool(state["in_use"])
+
+    def global_state_dict(self, group=None) -> dict:
+        """The whole queue over ranks as (n_assign, L_total, D), ordered by (position, rank)."""
+        local = self.buffer.detach()
+        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+        if world == 1:
+            return self.state_dict()
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        stacked = torch.stack(parts, dim=2)  # (n_assign, L_local, world, D): position-major
+        flag = torch.tensor([1.0 if self.in_use else 0.0], device=local.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        n, length, _, d = stacked.shape
+        return {"buffer": stacked.reshape(n, length * world, d).cpu(), "in_use": bool(flag.item())}
+
+    def load_global_state_dict(self, state: dict, rank: int, world_size: int) -> None:
+        """Take this rank's share of a global queue (any earlier number of ranks)."""
+        buf = state["buffer"]
+        n, total, d = buf.shape
+        if total != self.length * world_size or n != self.buffer.shape[0] or d != self.buffer.shape[2]:
+            raise ValueError(
+                f"saved queue holds {n} x {total} x {d}; this run needs {self.buffer.shape[0]} x "
+                f"{self.length * world_size} x {self.buffer.shape[2]} ({world_size} ranks x {self.length} rows)"
+            )
+        self.buffer.copy_(buf[:, rank::world_size].to(self.buffer.device, self.buffer.dtype))
+        self.in_use = bool(state["in_use"])

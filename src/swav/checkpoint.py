@@ -8,6 +8,10 @@ error that lists them.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import pickle
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -117,3 +121,70 @@ def model_from_official_state_dict(state_dict: Mapping[str, torch.Tensor], *, no
     load_official_state_dict(model, sd)
     return model
 
+
+
+# --------------------------------------------------------------------------------------
+# Run state files: one file, written atomically, read without running code
+# --------------------------------------------------------------------------------------
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the reason."""
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save ``obj`` to ``path`` so that ``path`` is always either the old or the new file.
+
+    Writes a temporary file in the same folder, fsyncs it, renames it over ``path`` and fsyncs the
+    folder. On failure (a full disk, say) the temporary file is removed, the previous file is left
+    intact, and the error names the path.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(e.errno, f"could not write checkpoint {path} ({e.strerror}); the previous "
+                               f"checkpoint there, if any, is intact") from e
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint_file(path: str | os.PathLike, max_bytes: int = 1 << 36):
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never code."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from e
+    if size > max_bytes:
+        raise CheckpointError(f"checkpoint {path} is {size} bytes, over the {max_bytes}-byte limit")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused {path}: it holds Python objects that only a full unpickle could rebuild, which "
+            f"could run code from the file; only tensors and plain containers are loaded ({e})") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {e}") from e
+
+
+def load_run_state(path: str | os.PathLike) -> dict:
+    """A run's training state (see trainer.py), checked for the fields resuming needs."""
+    state = load_checkpoint_file(path)
+    needed = ("format", "config", "epochs", "global_step", "model", "optimizer")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a swav run checkpoint (needs {list(needed)}, found {have})")
+    return state

@@ -218,14 +218,18 @@ class TrainConfig:
     save_every_steps: int = _f(0, "also write checkpoint.pt every N steps (0 = only at epoch "
                                   "ends); useful for long epochs on pre-emptible machines")
     log_every: int = _f(10, "steps between log lines")
-    nan_patience: int = _f(5, "stop after this many consecutive steps with a non-finite loss; "
-                              "lower the lr or epsilon issues show up here")
+    nan_patience: int = _f(5, "stop after this many consecutive steps with a non-finite loss or "
+                              "gradient (each is skipped, never applied); usually the lr is too high")
     channels_last: bool = _f(False, "use the channels-last memory format (faster convolutions "
                                     "with bf16/fp16 on tensor-core GPUs)")
     compile: bool = _f(False, "torch.compile the model (slower start, faster steps on GPU)")
     knn_every: int = _f(0, "run the online kNN monitor every N epochs on a labelled built-in "
                            "source (0 = off)")
     knn_k: int = _f(20, "neighbours k of the kNN monitor (20 is customary)")
+    knn_max_train: int = _f(0, "use at most this many training images as the kNN memory (0 = all); "
+                               "10000 keeps the monitor to seconds on a CPU")
+    final_knn: bool = _f(False, "at the end, print the kNN accuracy of the learned backbone next to the "
+                                "same backbone at initialisation (labelled built-in sources)")
 
 
 @dataclass
@@ -318,6 +322,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "optim": {"optimizer": "lars", "lr": 0.6, "final_lr": 0.0006, "warmup_epochs": 1.0,
                   "start_warmup": 0.0},
         "train": {"epochs": 100, "batch_size": 256, "time_budget_minutes": 10.0,
+                  "final_knn": True, "knn_max_train": 20000,
                   "precision": "fp32"},
     },
     "smoke": {
@@ -666,6 +671,7 @@ def save_yaml(cfg: Config, path: str | os.PathLike) -> None:
 RESUME_FREE_FIELDS: frozenset[str] = frozenset({
     "out", "preset", "data.workers", "data.root", "train.device", "train.log_every",
     "train.knn_every", "train.save_every_steps", "train.checkpoint_every",
+    "train.knn_max_train", "train.final_knn",
 })
 
 

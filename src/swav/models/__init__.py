@@ -28,9 +28,10 @@ def register_backbone(name: str, factory: Callable[..., nn.Module]) -> None:
     _REGISTRY[name] = factory
 
 
-def _resnet_factory(block, layers, widen):
-    def make(width_per_group: int = 64, widen: int = widen, **kw) -> ResNet:
-        return ResNet(block, layers, width_per_group=width_per_group, widen=widen, **kw)
+def _resnet_factory(block, layers, arch_widen):
+    def make(width_per_group: int = 64, widen: int = 1, **kw) -> ResNet:
+        # ``widen`` multiplies the architecture's own (resnet50w2 with widen=1 is 2x wide)
+        return ResNet(block, layers, width_per_group=width_per_group, widen=widen * arch_widen, **kw)
     return make
 
 

@@ -1,0 +1,115 @@
+"""The ``swav`` command: builds a config from flags and calls the library. No logic lives here."""
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from swav.config import ConfigError, config_help, list_presets, make_config
+
+# common flags: (flag, dotted config key)
+PRETRAIN_FLAGS = [
+    ("--data", "data.source"), ("--epochs", "train.epochs"), ("--batch-size", "train.batch_size"),
+    ("--lr", "optim.lr"), ("--arch", "model.arch"), ("--prototypes", "model.nmb_prototypes"),
+    ("--epsilon", "swav.epsilon"), ("--queue-length", "swav.queue_length"),
+    ("--epoch-queue-starts", "swav.epoch_queue_starts"), ("--freeze-prototypes-epochs", "swav.freeze_prototypes_epochs"),
+    ("--precision", "train.precision"), ("--device", "train.device"), ("--workers", "data.workers"),
+    ("--time-budget", "train.time_budget_minutes"), ("--seed", "train.seed"),
+]
+
+
+def _fmt_default(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def _pretrain_parser(sub) -> argparse.ArgumentParser:
+    helps = config_help()
+    every = "\n".join(
+        f"  {key} ({typ}, default {_fmt_default(default)})\n" + textwrap.fill(text, 96, initial_indent="      ",
+                                                                           subsequent_indent="      ")
+        for key, (typ, default, text) in helps.items()
+    )
+    presets = "\n".join(f"  {name:16s} {desc}" for name, desc in list_presets())
+    p = sub.add_parser(
+        "pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="SwAV pretraining on a folder of images or a built-in data set",
+        description="Pretrain a backbone with SwAV. With no arguments: about 10 minutes on Fashion-MNIST "
+                    "on this CPU, then the kNN accuracy of the learned backbone next to the same backbone at "
+                    "initialisation. Several GPUs or nodes: launch the same command with torchrun.\n"
+                    "Settings are applied in this order: preset < --config file < flags < --set.",
+        epilog=f"presets:\n{presets}\n\nevery setting (give any with --set KEY=VALUE; the defaults shown are "
+               f"before the preset):\n{every}")
+    p.add_argument("--preset", default="fashion-mnist",
+                   help="named recipe to start from (default fashion-mnist; 'smoke' for a seconds-long check)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (as written to RUN/config.yaml)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<preset>); an existing run there "
+                                                "with the same settings is resumed")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="set any setting, e.g. --set optim.lr=0.3 (repeatable; see the list below)")
+    p.add_argument("--resume", action="store_true",
+                   help="insist on resuming: fail if DIR/checkpoint.pt does not exist (resuming is automatic "
+                        "anyway when it does)")
+    for flag, key in PRETRAIN_FLAGS:
+        typ, default, text = helps[key]
+        p.add_argument(flag, dest=key, default=None, metavar=typ.upper().replace(" ", "_"),
+                       help=f"{text} [sets {key}; default {_fmt_default(default)} or the preset's]")
+    return p
+
+
+def _cmd_pretrain(args) -> int:
+    from pathlib import Path
+
+    from swav.trainer import train
+
+    flags = {key: getattr(args, key) for _, key in PRETRAIN_FLAGS if getattr(args, key) is not None}
+    if args.out is not None:
+        flags["out"] = args.out
+    cfg = make_config(args.preset, config_file=args.config, overrides=args.set, **flags)
+    if args.out is None and not any(s.startswith("out=") for s in args.set) and cfg.out == "runs/swav":
+        cfg.out = f"runs/{args.preset}"
+    if args.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
+        print(f"swav: --resume given but {cfg.out}/checkpoint.pt does not exist", file=sys.stderr)
+        return 2
+    result = train(cfg)
+    print(f"run folder: {result.out_dir} ({result.global_step} steps, {result.epochs} epochs, "
+          f"{result.seconds / 60:.1f} min)")
+    if result.knn:
+        k = cfg.train.knn_k
+        key = f"knn_top1@{k}"
+        learned, init = result.knn["learned"][key], result.knn["init"][key]
+        print(f"kNN top-1 (k={k}) on the {cfg.data.source} test set:")
+        print(f"  learned backbone          {learned:6.2f} %")
+        print(f"  same backbone at init     {init:6.2f} %")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swav", description="SwAV self-supervised pretraining of vision backbones.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _pretrain_parser(sub)
+    sub.add_parser("presets", help="list the named recipes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pretrain":
+            return _cmd_pretrain(args)
+        if args.command == "presets":
+            for name, desc in list_presets():
+                print(f"{name:16s} {desc}")
+            return 0
+        parser.print_help()
+        return 2
+    except ConfigError as e:
+        print(f"swav: invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("swav: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -49,6 +49,9 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="insist on resuming: fail if DIR/checkpoint.pt does not exist (resuming is automatic "
                         "anyway when it does)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N steps in this invocation, writing the checkpoint first (for time-limited "
+                        "jobs: rerun the same command to continue); default: train to the end")
     for flag, key in PRETRAIN_FLAGS:
         typ, default, text = helps[key]
         p.add_argument(flag, dest=key, default=None, metavar=typ.upper().replace(" ", "_"),
@@ -70,7 +73,7 @@ def _cmd_pretrain(args) -> int:
     if args.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
         print(f"swav: --resume given but {cfg.out}/checkpoint.pt does not exist", file=sys.stderr)
         return 2
-    result = train(cfg)
+    result = train(cfg, max_steps=args.max_steps)
     print(f"run folder: {result.out_dir} ({result.global_step} steps, {result.epochs} epochs, "
           f"{result.seconds / 60:.1f} min)")
     if result.knn:

@@ -179,6 +179,8 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
         raise ConfigError(["train.precision = fp16 needs a CUDA GPU (loss scaling); use bf16 on CPU"])
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".checkpoint*.pt.tmp*"):  # left by a process killed mid-write
+            stale.unlink()
     dist_utils.barrier()
     logger = setup_logging(out, rank)
     for w in warnings:
@@ -374,7 +376,7 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
 
                 # ---- logging (the only host syncs besides the NaN guard) --------------------
                 if step % cfg.train.log_every == 0 or it == spe:
-                    last_loss = float(loss.item())
+                    last_loss = float(dist_utils.all_reduce_mean(loss.detach()).item())  # over ranks
                     now = time.perf_counter()
                     dt = max(now - t_window, 1e-9)
                     stats = assignment_stats(full[0][0][-bl:], as_float=True)

@@ -1,0 +1,703 @@
+"""Image datasets: in-memory tensors, image files on disk, folders and file lists.
+
+Two kinds of dataset exist:
+
+* :class:`TensorImageDataset` holds a whole data set as one uint8 tensor
+  ``(N, C, H, W)`` (the built-in data sets of :mod:`swav.data.builtin`).  A
+  batch is one ``index_select`` (:meth:`TensorImageDataset.get_batch`).
+* :class:`ImageFilesDataset` decodes one image file per ``__getitem__`` with
+  Pillow.  A file that cannot be used never raises: it comes back as a
+  :class:`Skipped` record (path and reason), so one bad file never kills a
+  data-loader worker.  :class:`ImageFolderDataset` and
+  :class:`FileListDataset` are the two ways to list the files.
+
+Decoding rules (:func:`decode_image`):
+
+* the image is decoded completely (``Image.load``) with Pillow's
+  ``LOAD_TRUNCATED_IMAGES`` left off, so a truncated file is an error;
+* decompression bombs: an image whose header declares more than
+  ``max_pixels`` pixels (default :data:`DEFAULT_MAX_PIXELS` = 2**26, about
+  8192 x 8192) is skipped before any pixel is decoded; with ``max_pixels=0``
+  Pillow's own limit applies and its ``DecompressionBombWarning`` is treated as
+  an error.  Pillow's ``DecompressionBombError`` (twice its global limit) always
+  skips the file;
+* the EXIF orientation is applied (``ImageOps.exif_transpose``); an animated
+  image gives its first frame;
+* transparency (RGBA, LA, palette or grey/RGB with a transparent colour) is
+  composited on **black** (colour times alpha), matching the zero padding of
+  batches;
+* 16-bit images (``I;16*``) are rescaled to 8 bits with ``round(v / 257)``
+  (65535 -> 255, 32768 -> 128); 32-bit integer images (``I``) are clipped to
+  [0, 65535] and rescaled the same way; float images (``F``) are taken as
+  [0, 1] when their maximum is <= 1, else clipped to [0, 255];
+* CMYK, YCbCr, LAB, HSV, 1-bit and palette images go through Pillow's
+  ``convert``; the result is RGB for ``in_chans=3`` and L (ITU-R 601-2 luma)
+  for ``in_chans=1``;
+* ``min_size``: an image with a side shorter than this (after EXIF rotation)
+  is skipped; ``max_side``: an image whose longer side exceeds it is
+  downscaled (antialiased, aspect ratio kept, JPEG draft mode used to speed up
+  huge JPEGs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+import warnings
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "MAX_LIST_FILE_BYTES",
+    "BadImageError",
+    "EmptyDatasetError",
+    "FileListDataset",
+    "ImageFilesDataset",
+    "ImageFolderDataset",
+    "Skipped",
+    "TensorImageDataset",
+    "build_dataset",
+    "decode_image",
+    "to_channels",
+]
+
+#: Images declaring more pixels than this are treated as decompression bombs.
+DEFAULT_MAX_PIXELS = 2**26
+#: File extensions (lower case) that folder listing picks up.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+#: File lists larger than this are refused.
+MAX_LIST_FILE_BYTES = 100 * 1024 * 1024
+
+
+class EmptyDatasetError(ValueError):
+    """A source holds no usable image."""
+
+
+class BadImageError(Exception):
+    """An image file that cannot be used; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file that was not used: its path, why, and its dataset index."""
+
+    path: str
+    reason: str
+    index: int = -1
+
+
+# --------------------------------------------------------------------------- #
+# Channel conversion of uint8 tensors
+# --------------------------------------------------------------------------- #
+def to_channels(images: torch.Tensor, in_chans: int | None) -> torch.Tensor:
+    """Convert uint8 images ``(N, C, H, W)`` to ``in_chans`` channels.
+
+    1 -> 3 repeats the grey channel (as a stride-0 view, no copy);
+    3 -> 1 is the ITU-R 601-2 luma ``(299 R + 587 G + 114 B) / 1000``, rounded
+    like Pillow's ``convert("L")``.
+    """
+    if in_chans is None:
+        return images
+    c = images.shape[1]
+    if c == in_chans:
+        return images
+    if c == 1 and in_chans == 3:
+        return images.expand(-1, 3, -1, -1)
+    if c == 3 and in_chans == 1:
+        out = torch.empty((images.shape[0], 1, *images.shape[2:]), dtype=torch.uint8)
+        w = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)
+        step = 4096
+        for s in range(0, images.shape[0], step):
+            chunk = images[s : s + step].to(torch.int32)
+            out[s : s + step] = ((chunk * w).sum(1, keepdim=True) + 500).div(1000, rounding_mode="floor").to(torch.uint8)
+        return out
+    raise ValueError(f"cannot convert {c}-channel images to {in_chans} channels (supported: 1 or 3)")
+
+
+# --------------------------------------------------------------------------- #
+# In-memory dataset
+# --------------------------------------------------------------------------- #
+class TensorImageDataset:
+    """A data set held in memory as one uint8 tensor ``(N, C, H, W)``.
+
+    ``images`` may be a non-contiguous view (e.g. a memory map or a channel
+    ``expand``); :meth:`get_batch` copies only the rows it selects.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        classes: list[str] | None = None,
+        name: str = "tensor",
+    ) -> None:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            raise TypeError(f"{name}: images must be a uint8 tensor (N, C, H, W)")
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.int64)
+            if labels.shape != (images.shape[0],):
+                raise ValueError(f"{name}: labels shape {tuple(labels.shape)} != ({images.shape[0]},)")
+        self.images = images
+        self.labels = labels
+        self.classes = list(classes) if classes is not None else None
+        self.name = name
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    def __getitem__(self, i: int):
+        label = int(self.labels[i]) if self.labels is not None else -1
+        return self.images[i].contiguous(), label, int(i)
+
+    def get_batch(self, indices: torch.Tensor):
+        """Gather a :class:`~swav.data.loader.Batch` (vectorised, no per-sample loop)."""
+        from swav.data.loader import Batch
+
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        images = self.images.index_select(0, idx).contiguous()
+        n = idx.numel()
+        h, w = self.images.shape[2], self.images.shape[3]
+        sizes = torch.tensor([h, w], dtype=torch.int64).repeat(n, 1)
+        if self.labels is not None:
+            labels = self.labels.index_select(0, idx)
+        else:
+            labels = torch.full((n,), -1, dtype=torch.int64)
+        return Batch(images=images, sizes=sizes, labels=labels, indices=idx.clone(), skipped=[])
+
+    def subset(self, n: int) -> "TensorImageDataset":
+        """The first ``n`` images (all of them when ``n <= 0`` or ``n >= len``)."""
+        if n <= 0 or n >= len(self):
+            return self
+        labels = self.labels[:n] if self.labels is not None else None
+        return TensorImageDataset(self.images[:n], labels, self.classes, self.name)
+
+    def with_channels(self, in_chans: int | None) -> "TensorImageDataset":
+        if in_chans is None or in_chans == self.in_chans:
+            return self
+        return TensorImageDataset(to_channels(self.images, in_chans), self.labels, self.classes, self.name)
+
+    def __repr__(self) -> str:
+        return f"TensorImageDataset(name={self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:])})"
+
+
+# --------------------------------------------------------------------------- #
+# Decoding one image file
+# --------------------------------------------------------------------------- #
+def _describe_missing(path: str) -> str:
+    if os.path.islink(path):
+        return f"broken symlink (target {os.readlink(path)!r} does not exist)"
+    return "file not found"
+
+
+def _scale16(arr: np.ndarray) -> np.ndarray:
+    a = arr.astype(np.uint32)
+    return ((a * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Rescale 16/32-bit integer and float images to mode L."""
+    mode = im.mode
+    if mode.startswith("I;16"):
+        return Image.fromarray(_scale16(np.array(im)), mode="L")
+    if mode == "I":
+        arr = np.clip(np.array(im, dtype=np.int64), 0, 65535)
+        return Image.fromarray(_scale16(arr), mode="L")
+    if mode == "F":
+        arr = np.array(im, dtype=np.float64)
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+        if arr.size and arr.max() <= 1.0:
+            arr = arr * 255.0
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return im
+
+
+def _composite_black(im: Image.Image) -> np.ndarray:
+    """RGBA -> RGB uint8 array, colour multiplied by alpha (black background)."""
+    arr = np.array(im.convert("RGBA"), dtype=np.uint16)
+    rgb, a = arr[..., :3], arr[..., 3:4]
+    return ((rgb * a + 127) // 255).astype(np.uint8)
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+
+
+def _convert(im: Image.Image, in_chans: int) -> np.ndarray:
+    im = _to_8bit(im)
+    if _has_alpha(im):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Palette images with Transparency ..." notice
+            rgb = _composite_black(im)
+        if in_chans == 3:
+            return rgb
+        im = Image.fromarray(rgb, mode="RGB")
+    if in_chans == 3:
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+        return np.array(im, dtype=np.uint8)
+    if im.mode != "L":
+        if im.mode not in ("RGB", "1", "P"):
+            im = im.convert("RGB")
+        im = im.convert("L")
+    return np.array(im, dtype=np.uint8)[..., None]
+
+
+def decode_image(
+    path: str,
+    in_chans: int = 3,
+    min_size: int = 0,
+    max_side: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Decode one image file to a uint8 tensor ``(in_chans, H, W)``.
+
+    Raises :class:`BadImageError` (message = reason) for any unusable file.
+    See the module docstring for the conversion rules.
+    """
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadImageError(_describe_missing(path)) from None
+    except OSError as e:
+        raise BadImageError(f"cannot stat: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImageError("not a regular file")
+    if st.st_size == 0:
+        raise BadImageError("empty file (0 bytes)")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone switched it on globally
+        raise BadImageError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled; refusing to decode (truncation undetectable)")
+    try:
+        f = open(path, "rb")
+    except PermissionError:
+        raise BadImageError("permission denied") from None
+    except OSError as e:
+        raise BadImageError(f"cannot open: {e.strerror or e}") from None
+    try:
+        with f, warnings.catch_warnings():
+            if max_pixels > 0:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            else:
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(f)
+            except Image.UnidentifiedImageError:
+                raise BadImageError("not an image (Pillow cannot identify the format)") from None
+            w, h = im.size
+            if max_pixels > 0 and w * h > max_pixels:
+                raise BadImageError(
+                    f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+                )
+            if min_size > 0 and min(w, h) < min_size:  # min(w, h) does not change with rotation
+                raise BadImageError(f"too small: {w}x{h} < min_size {min_size}")
+            if max_side > 0 and im.format == "JPEG" and max(w, h) > 2 * max_side:
+                s = max_side / max(w, h)
+                im.draft(im.mode, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+            im.load()  # full decode: a truncated file raises here
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block: keep the pixels as stored
+                pass
+            arr = _convert(im, in_chans)
+    except BadImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"decompression bomb: {e}") from None
+    except MemoryError:
+        raise BadImageError("out of memory while decoding") from None
+    except Exception as e:  # truncated, corrupt, unsupported mode, ...
+        raise BadImageError(f"cannot decode: {type(e).__name__}: {e}") from None
+    if max_side > 0 and max(arr.shape[0], arr.shape[1]) > max_side:
+        h, w = arr.shape[:2]
+        s = max_side / max(h, w)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        pim = Image.fromarray(arr[..., 0] if in_chans == 1 else arr)
+        arr = np.array(pim.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
+        if in_chans == 1:
+            arr = arr[..., None]
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+
+
+# --------------------------------------------------------------------------- #
+# Datasets of image files
+# --------------------------------------------------------------------------- #
+class _PathTable:
+    """Paths packed in one byte buffer (no per-path Python object to share).
+
+    Forked data-loader workers then do not touch reference counts of 100,000s
+    of strings (which would copy the pages of the parent's memory).
+    """
+
+    def __init__(self, paths: Iterable[str | os.PathLike]) -> None:
+        encoded = [os.fsencode(p) for p in paths]
+        lens = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lens, out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return os.fsdecode(self.blob[a:b].tobytes())
+
+    def head(self, n: int) -> "_PathTable":
+        t = _PathTable.__new__(_PathTable)
+        t.offsets = self.offsets[: n + 1].copy()
+        t.blob = self.blob[: t.offsets[-1]].copy()
+        return t
+
+
+class ImageFilesDataset:
+    """Images decoded from files, one per ``__getitem__``.
+
+    ``__getitem__(i)`` returns ``(uint8 tensor (C, H, W), label, i)`` with
+    ``label = -1`` when the data set has no labels, or a :class:`Skipped`
+    record for a file that cannot be used (it never raises for a bad file).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | os.PathLike],
+        labels: Sequence[int] | torch.Tensor | None = None,
+        classes: list[str] | None = None,
+        in_chans: int = 3,
+        min_size: int = 0,
+        max_side: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        name: str = "files",
+    ) -> None:
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        self._paths = paths if isinstance(paths, _PathTable) else _PathTable(paths)
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.int64)
+            if labels.shape != (len(self._paths),):
+                raise ValueError(f"{name}: {labels.numel()} labels for {len(self._paths)} paths")
+        self.labels = labels
+        self.classes = list(classes) if classes is not None else None
+        self.in_chans = in_chans
+        self.min_size = int(min_size)
+        self.max_side = int(max_side)
+        self.max_pixels = int(max_pixels)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None
+
+    def path(self, i: int) -> str:
+        return self._paths[i]
+
+    @property
+    def paths(self) -> list[str]:
+        return [self._paths[i] for i in range(len(self))]
+
+    def __getitem__(self, i: int):
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        path = self._paths[i]
+        try:
+            img = decode_image(path, self.in_chans, self.min_size, self.max_side, self.max_pixels)
+        except BadImageError as e:
+            return Skipped(path, str(e), i)
+        label = int(self.labels[i]) if self.labels is not None else -1
+        return img, label, i
+
+    def subset(self, n: int) -> "ImageFilesDataset":
+        """The first ``n`` files (all of them when ``n <= 0`` or ``n >= len``)."""
+        if n <= 0 or n >= len(self):
+            return self
+        new = ImageFilesDataset.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._paths = self._paths.head(n)
+        new.labels = self.labels[:n].clone() if self.labels is not None else None
+        return new
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, labels={self.has_labels})"
+
+
+def _is_image_name(name: str, extensions: tuple[str, ...]) -> bool:
+    if name.startswith("."):
+        return False
+    return os.path.splitext(name)[1].lower() in extensions
+
+
+def _scan_images(folder: str, extensions: tuple[str, ...]) -> list[str]:
+    """All image files below ``folder`` (recursive, follows directory links once)."""
+    out: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+        except OSError:
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if not e.name.startswith("."):
+                        stack.append(e.path)
+                elif _is_image_name(e.name, extensions):
+                    out.append(e.path)  # includes broken symlinks: they become Skipped
+    out.sort()
+    return out
+
+
+class ImageFolderDataset(ImageFilesDataset):
+    """Images in a folder.
+
+    * class layout: ``root/<class>/**/<image>``; classes are the sorted names
+      of sub-folders that hold at least one image, labels index them;
+    * flat layout: images directly in ``root`` (no labels);
+    * both at once is an error.
+
+    Extensions: :data:`IMAGE_EXTENSIONS` (case-insensitive); names starting
+    with ``.`` are ignored.  Paths are sorted for determinism and kept as str
+    (non-UTF-8 bytes round-trip through ``os.fsdecode``'s surrogateescape).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        in_chans: int = 3,
+        min_size: int = 0,
+        max_side: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
+        exts = tuple(x.lower() if x.startswith(".") else "." + x.lower() for x in extensions)
+        flat: list[str] = []
+        subdirs: list[tuple[str, str]] = []
+        with os.scandir(root) as it:
+            for e in it:
+                try:
+                    is_dir = e.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    if not e.name.startswith("."):
+                        subdirs.append((e.name, e.path))
+                elif _is_image_name(e.name, exts):
+                    flat.append(e.path)
+        subdirs.sort()
+        classes: list[str] = []
+        class_files: list[list[str]] = []
+        for cname, cpath in subdirs:
+            files = _scan_images(cpath, exts)
+            if files:
+                classes.append(cname)
+                class_files.append(files)
+        if flat and classes:
+            raise ValueError(
+                f"image folder {root!r} mixes images directly in it ({len(flat)}, e.g. "
+                f"{os.path.basename(flat[0])!r}) with class sub-folders ({len(classes)}, e.g. {classes[0]!r}); "
+                "use either root/<class>/<image> or only root/<image>"
+            )
+        if classes:
+            paths = [p for files in class_files for p in files]
+            labels = [k for k, files in enumerate(class_files) for _ in files]
+            super().__init__(paths, labels, classes, in_chans, min_size, max_side, max_pixels, name=root)
+        elif flat:
+            flat.sort()
+            super().__init__(flat, None, None, in_chans, min_size, max_side, max_pixels, name=root)
+        else:
+            raise EmptyDatasetError(
+                f"no image files ({', '.join(exts)}) in folder {root!r} or its class sub-folders"
+            )
+        self.root = root
+
+
+class FileListDataset(ImageFilesDataset):
+    """Images listed in a text file.
+
+    Format, one image per line (UTF-8; other bytes kept via surrogateescape)::
+
+        # comment
+        images/cat1.jpg
+        /abs/path/dog.png<TAB>3
+
+    * a path may be followed by a TAB and an integer label >= 0; either every
+      line has a label or none does;
+    * relative paths are relative to the folder of the list file;
+    * blank lines and lines whose first non-blank character is ``#`` are
+      ignored; surrounding whitespace is stripped;
+    * files over 100 MB or containing NUL bytes are refused.
+    """
+
+    def __init__(
+        self,
+        list_file: str | os.PathLike,
+        in_chans: int = 3,
+        min_size: int = 0,
+        max_side: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        list_file = os.fspath(list_file)
+        size = os.path.getsize(list_file)
+        if size > MAX_LIST_FILE_BYTES:
+            raise ValueError(
+                f"file list {list_file!r} is {size} bytes, over the {MAX_LIST_FILE_BYTES} byte limit "
+                "(is it really a list of image paths?)"
+            )
+        with open(list_file, "rb") as f:
+            data = f.read()
+        base = os.path.dirname(os.path.abspath(list_file))
+        paths: list[str] = []
+        labels: list[int] = []
+        n_unlabelled = 0
+        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+            if b"\x00" in raw:
+                raise ValueError(f"file list {list_file!r} line {lineno}: NUL byte (binary file?)")
+            line = raw.decode("utf-8", "surrogateescape").strip()
+            if not line or line.startswith("#"):
+                continue
+            if "\t" in line:
+                p, _, lab = line.rpartition("\t")
+                p = p.strip()
+                try:
+                    label = int(lab.strip())
+                except ValueError:
+                    raise ValueError(
+                        f"file list {list_file!r} line {lineno}: label {lab.strip()!r} is not an integer"
+                    ) from None
+                if label < 0:
+                    raise ValueError(f"file list {list_file!r} line {lineno}: negative label {label}")
+                labels.append(label)
+            else:
+                p = line
+                n_unlabelled += 1
+            if labels and n_unlabelled:
+                raise ValueError(
+                    f"file list {list_file!r} line {lineno}: some lines have a <TAB>label and some do not"
+                )
+            paths.append(p if os.path.isabs(p) else os.path.join(base, p))
+        if not paths:
+            raise EmptyDatasetError(f"file list {list_file!r} lists no image")
+        classes = [str(k) for k in range(max(labels) + 1)] if labels else None
+        super().__init__(
+            paths, labels or None, classes, in_chans, min_size, max_side, max_pixels, name=list_file
+        )
+        self.list_file = list_file
+
+
+# --------------------------------------------------------------------------- #
+# Dispatch
+# --------------------------------------------------------------------------- #
+def _folder_for_split(root: str, split: str) -> str:
+    """Folder split rule: ``root/train`` + ``root/test`` (or ``root/val``) are
+    splits when both exist; otherwise ``root`` itself is the train split and
+    there is no test split."""
+    has_train = os.path.isdir(os.path.join(root, "train"))
+    test_dir = next(
+        (os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None
+    )
+    if has_train and test_dir is not None:
+        return os.path.join(root, "train") if split == "train" else test_dir
+    if split == "train":
+        return root
+    raise ValueError(
+        f"folder {root!r} has no {split!r} split: a folder is split only when it holds both "
+        "'train/' and 'test/' (or 'val/') sub-folders"
+    )
+
+
+def _list_for_split(list_file: str, split: str) -> str:
+    """List split rule: for ``split='test'`` a list whose file name contains
+    ``train`` uses the sibling with ``train`` replaced by ``test`` (then
+    ``val``), e.g. ``train.txt`` -> ``test.txt``."""
+    if split == "train":
+        return list_file
+    folder, fname = os.path.split(list_file)
+    if "train" in fname:
+        for other in ("test", "val"):
+            cand = os.path.join(folder, fname.replace("train", other))
+            if os.path.isfile(cand):
+                return cand
+    raise ValueError(
+        f"file list {list_file!r} has no {split!r} split: give the test list itself, or name the "
+        "lists '...train...' and '...test...' (or '...val...') side by side"
+    )
+
+
+def build_dataset(
+    source: str | os.PathLike,
+    split: str = "train",
+    in_chans: int = 3,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    subset: int = 0,
+    min_size: int = 0,
+    max_side: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+):
+    """Build a data set from a built-in name, a folder or a file list.
+
+    Dispatch order: a built-in name (:data:`swav.data.builtin.BUILTIN_NAMES`,
+    case-insensitive; write ``./cifar10`` to mean a folder of that name) ->
+    :func:`~swav.data.builtin.load_builtin`; an existing directory ->
+    :class:`ImageFolderDataset`; an existing file -> :class:`FileListDataset`.
+    ``subset > 0`` keeps the first ``subset`` images.  Splits of folders and
+    lists follow :func:`_folder_for_split` / :func:`_list_for_split`.
+    ``min_size``/``max_side``/``max_pixels`` apply to image files only.
+    """
+    from swav.data import builtin
+
+    if split not in ("train", "test", "unlabeled"):
+        raise ValueError(f"split must be 'train', 'test' or 'unlabeled', got {split!r}")
+    src = os.fspath(source)
+    key = builtin.canonical_name(src)
+    if key is not None:
+        ds = builtin.load_builtin(key, split=split, root=root, download=download, in_chans=in_chans)
+    elif os.path.isdir(src):
+        if split == "unlabeled":
+            split = "train"
+        ds = ImageFolderDataset(_folder_for_split(src, split), in_chans, min_size, max_side, max_pixels)
+    elif os.path.isfile(src):
+        if split == "unlabeled":
+            split = "train"
+        ds = FileListDataset(_list_for_split(src, split), in_chans, min_size, max_side, max_pixels)
+    else:
+        raise ValueError(
+            f"unknown data source {src!r}: not a built-in data set ({', '.join(builtin.BUILTIN_NAMES)}), "
+            "nor an existing folder of images, nor an existing file list"
+        )
+    return ds.subset(subset) if subset > 0 else ds

@@ -1,0 +1,172 @@
+"""The training loop: exact resume (also after SIGKILL), NaN guard, resume checks, config checks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from swav.checkpoint import load_run_state
+from swav.config import ConfigError, make_config
+from swav.trainer import ResumeMismatchError, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke(out, root, *extra):
+    return make_config("smoke", overrides=[f"out={out}", f"data.root={root}", "data.subset=256",
+                                           "train.batch_size=32", "train.epochs=2", *extra])
+
+
+def final_weights(out):
+    return load_run_state(Path(out) / "checkpoint.pt")["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, fake_fmnist):
+    """An uninterrupted run (with a queue, so its state is covered by resume too)."""
+    out = tmp_path_factory.mktemp("ref")
+    cfg = smoke(out, fake_fmnist, "swav.queue_length=64", "swav.epoch_queue_starts=1", "train.save_every_steps=3")
+    result = train(cfg)
+    assert result.global_step == 16
+    return out, cfg
+
+
+def test_resume_in_process_is_exact(reference_run, tmp_path, fake_fmnist):
+    ref_out, _ = reference_run
+    cfg = smoke(tmp_path, fake_fmnist, "swav.queue_length=64", "swav.epoch_queue_starts=1", "train.save_every_steps=3")
+    first = train(cfg, max_steps=11)  # stops mid-epoch 2, after the queue was created
+    assert first.global_step == 11
+    state = load_run_state(tmp_path / "checkpoint.pt")
+    assert state["global_step"] == 11 and state["queue"] is not None
+    train(cfg)
+    assert_same_weights(final_weights(tmp_path), final_weights(ref_out))
+    # metrics of the resumed part equal the uninterrupted run's
+    ref = {r["step"]: r["loss"] for r in map(json.loads, open(ref_out / "metrics.jsonl"))}
+    got = {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / "metrics.jsonl"))}
+    assert got == ref
+
+
+def run_cli(out, root, *extra, env=None):
+    cmd = [sys.executable, "-m", "swav.cli", "pretrain", "--preset", "smoke", "--out", str(out),
+           "--set", f"data.root={root}", "--set", "data.subset=256", "--set", "train.batch_size=32",
+           "--set", "train.epochs=2", "--set", "swav.queue_length=64", "--set", "swav.epoch_queue_starts=1",
+           "--set", "train.save_every_steps=3", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, fake_fmnist):
+    """SIGKILL twice (once while a checkpoint is being written), resume, compare with the
+    uninterrupted run: same weights, and no checkpoint file is ever truncated."""
+    ref_out = tmp_path / "ref"  # uninterrupted, in the same kind of process (thread count matters)
+    proc = run_cli(ref_out, fake_fmnist)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    out = tmp_path / "run"
+    torch.manual_seed(1234)
+    kills = 0
+    for attempt in range(2):
+        proc = run_cli(out, fake_fmnist)
+        deadline = time.time() + 120
+        if attempt == 0:  # kill while a temporary checkpoint file exists (mid-write)
+            while time.time() < deadline and proc.poll() is None:
+                if any(p.name.startswith(".checkpoint.pt.tmp") for p in out.glob(".*")):
+                    break
+                time.sleep(0.002)
+        else:  # kill at a random moment after the run has made progress
+            while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.pt").exists():
+                time.sleep(0.01)
+            time.sleep(float(torch.rand(()) * 1.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        for ck in out.glob("checkpoint*.pt"):  # every visible checkpoint is complete
+            load_run_state(ck)
+    assert kills >= 1
+    proc = run_cli(out, fake_fmnist)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert_same_weights(final_weights(out), final_weights(ref_out))
+    assert not list(out.glob(".checkpoint*.tmp*"))
+
+
+def test_sigterm_writes_checkpoint_and_exits_cleanly(tmp_path, fake_fmnist):
+    out = tmp_path / "run"
+    proc = run_cli(out, fake_fmnist, "--set", "train.epochs=50")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "received signal" in err
+    state = load_run_state(out / "checkpoint.pt")
+    assert 0 < state["global_step"] < 50 * 8
+
+
+def test_resume_with_other_settings_names_the_fields(tmp_path, fake_fmnist):
+    train(smoke(tmp_path, fake_fmnist), max_steps=2)
+    with pytest.raises(ResumeMismatchError) as err:
+        train(smoke(tmp_path, fake_fmnist, "optim.lr=0.1", "swav.epsilon=0.03"))
+    assert "optim.lr" in str(err.value) and "swav.epsilon" in str(err.value)
+
+
+def test_invalid_config_is_rejected_before_training(tmp_path, fake_fmnist):
+    with pytest.raises(ConfigError) as err:
+        train(smoke(tmp_path, fake_fmnist, "swav.epsilon=0", "swav.crops_for_assign=[0,7]", "swav.queue_length=40"))
+    msg = str(err.value)
+    assert "swav.epsilon" in msg and "crops_for_assign" in msg and "queue_length" in msg
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_nan_steps_are_skipped_then_training_stops_with_advice(tmp_path, fake_fmnist, monkeypatch):
+    import swav.trainer as trainer_mod
+    from swav.monitor import NonFiniteError
+
+    real = trainer_mod.swav_loss
+    calls = {"n": 0}
+    before = {}
+
+    def poisoned(*args, **kw):
+        loss, full = real(*args, **kw)
+        calls["n"] += 1
+        if calls["n"] >= 3:  # from the 3rd step on, the loss is NaN
+            return loss * float("nan"), full
+        return loss, full
+
+    monkeypatch.setattr(trainer_mod, "swav_loss", poisoned)
+    cfg = smoke(tmp_path / "poisoned", fake_fmnist, "train.nan_patience=3", "train.save_every_steps=1")
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg)
+    assert "learning rate" in str(err.value).lower()
+    # the skipped steps never reached the weights: they equal a clean run stopped after 2 steps
+    monkeypatch.setattr(trainer_mod, "swav_loss", real)
+    train(smoke(tmp_path / "clean", fake_fmnist, "train.nan_patience=3", "train.save_every_steps=1"), max_steps=2)
+    poisoned_state = load_run_state(tmp_path / "poisoned" / "checkpoint.pt")
+    clean_state = load_run_state(tmp_path / "clean" / "checkpoint.pt")
+    assert poisoned_state["global_step"] == 4  # steps 3 and 4 ran, were skipped, the 5th raised
+    params = {n for n, _ in __import__("swav.trainer", fromlist=["build_model"]).build_model(cfg).named_parameters()}
+    norm = torch.nn.functional.normalize
+    for k in params:
+        a, b = poisoned_state["model"][k], clean_state["model"][k]
+        if k == "prototypes.weight":  # every step starts by projecting the prototypes on the sphere
+            a, b = norm(a, dim=1), norm(b, dim=1)
+            assert (a - b).abs().max() < 1e-6, k
+        else:
+            assert torch.equal(a, b), k
+    assert poisoned_state["optimizer"]["state"].keys() == clean_state["optimizer"]["state"].keys()
+    lines = [json.loads(line) for line in open(tmp_path / "poisoned" / "metrics.jsonl")]
+    assert max(r["nonfinite_steps"] for r in lines) >= 2

@@ -86,26 +86,34 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_presets(args) -> int:
+    for name, desc in list_presets():
+        print(f"{name:16s} {desc}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    from swav.commands import COMMAND_MODULES
+
     parser = argparse.ArgumentParser(prog="swav", description="SwAV self-supervised pretraining of vision backbones.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _pretrain_parser(sub)
-    sub.add_parser("presets", help="list the named recipes")
+    _pretrain_parser(sub).set_defaults(func=_cmd_pretrain)
+    sub.add_parser("presets", help="list the named recipes").set_defaults(func=_cmd_presets)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "pretrain":
-            return _cmd_pretrain(args)
-        if args.command == "presets":
-            for name, desc in list_presets():
-                print(f"{name:16s} {desc}")
-            return 0
+    if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    try:
+        return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"swav: invalid configuration:\n{e}", file=sys.stderr)
         return 2

@@ -58,7 +58,7 @@ __all__ = [
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
          "resnet50w2", "resnet50w4", "resnet50w5")
 OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BUILTIN_SOURCES = ("fashion-mnist", "cifar10", "cifar100", "stl10")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 MAX_YAML_BYTES = 1 << 20  # 1 MB
@@ -209,7 +209,9 @@ class TrainConfig:
     time_budget_minutes: float = _f(0.0, "> 0: fit the number of epochs (<= epochs) to this "
                                          "wall-clock budget after timing the first steps; the LR "
                                          "schedule is stretched to the fitted length")
-    precision: str = _f("fp32", "fp32, bf16 or fp16 (mixed precision with loss scaling); bf16 is "
+    precision: str = _f("auto", "auto (bf16 where the hardware computes it natively: recent GPUs, CPUs "
+                                "with avx512_bf16/AMX; else fp32), fp32, bf16 or fp16 (mixed precision "
+                                "with loss scaling); bf16 is "
                                 "the safe fast choice on recent GPUs, fp32 on CPU")
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     seed: int = _f(31, "random seed (the official code uses 31)")
@@ -316,14 +318,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                     "min_scale_crops": [0.3, 0.1], "max_scale_crops": [1.0, 0.3],
                     "jitter_strength": 0.5, "grayscale_prob": 0.0, "blur_prob": 0.0,
                     "mean": _FMNIST_MEAN, "std": _FMNIST_STD},
-        "model": {"arch": "resnet18", "in_chans": 1, "small_stem": True, "width_per_group": 32,
+        "model": {"arch": "resnet18", "in_chans": 1, "small_stem": True, "width_per_group": 16,
                   "hidden_mlp": 512, "feat_dim": 128, "nmb_prototypes": 100},
         "swav": {"queue_length": 0, "freeze_prototypes_epochs": 1.0},
         "optim": {"optimizer": "lars", "lr": 0.6, "final_lr": 0.0006, "warmup_epochs": 1.0,
                   "start_warmup": 0.0},
         "train": {"epochs": 100, "batch_size": 256, "time_budget_minutes": 10.0,
                   "final_knn": True, "knn_max_train": 20000,
-                  "precision": "fp32"},
+                  "precision": "auto"},
     },
     "smoke": {
         "data": {"source": "fashion-mnist", "subset": 512, "workers": 0},

@@ -78,6 +78,21 @@ def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the hardware computes it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return "fp32"
+        return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+    return "fp32"
+
+
 def _autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -175,7 +190,8 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
     device = pick_device(cfg.train.device, env)
     out = Path(cfg.out)
     warnings = validate(cfg, world_size=world)
-    if cfg.train.precision == "fp16" and device.type != "cuda":
+    precision = resolve_precision(cfg.train.precision, device)
+    if precision == "fp16" and device.type != "cuda":
         raise ConfigError(["train.precision = fp16 needs a CUDA GPU (loss scaling); use bf16 on CPU"])
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -224,7 +240,7 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
                                 cfg.optim.momentum, cfg.optim.lars_eta, cfg.optim.exclude_bias_and_bn)
-    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     epochs = cfg.train.epochs
     start_step = 0
     queue = None
@@ -264,7 +280,7 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
     n_params = sum(p.numel() for p in raw_model.parameters())
     logger.info("swav %s | %s | %d process(es) on %s (%s) | %s: %d images, %d steps/epoch of %d (per process %d) "
                 "| %s %.1fM parameters | crops %s", __version__, socket.gethostname(), world, device,
-                cfg.train.precision, cfg.data.source, len(dataset), spe, gb, b, cfg.model.arch, n_params / 1e6,
+                precision, cfg.data.source, len(dataset), spe, gb, b, cfg.model.arch, n_params / 1e6,
                 " + ".join(f"{n}x{s}" for n, s in zip(a.nmb_crops, a.size_crops)))
 
     step = start_step
@@ -327,7 +343,7 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                 crops = multicrop(images, sizes, params)
                 set_lr(optimizer, float(schedule[step]))
                 raw_model.prototypes.normalize_()
-                with _autocast(device, cfg.train.precision):
+                with _autocast(device, precision):
                     z, scores = model(crops)
                 loss, full = swav_loss(scores, z.detach().float(), raw_model.prototypes.weights()
                                        if raw_model.prototypes.multi else raw_model.prototypes.weight,
@@ -369,7 +385,7 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                             fitted = dist_utils.broadcast_object(fitted)
                         epochs = fitted
                         schedule = _schedule(cfg, epochs, spe)
-                        bar.total_steps = epochs * spe
+                        bar.total = epochs * spe
                         budget_fitted = True
                         logger.info("time budget %.1f min at %.3f s/step: training %d epoch(s) (%d steps)",
                                     cfg.train.time_budget_minutes, sec, epochs, epochs * spe)

@@ -51,7 +51,15 @@ class SwAVModel(nn.Module):
         return feats[0] if len(feats) == 1 else torch.cat(feats)
 
     def forward_head(self, features: torch.Tensor):
-        """features (N, F) -> (z (N, D), scores (N, K) or a list per head)."""
+        """features (N, F) -> (z (N, D), scores (N, K) or a list per head).
+
+        Runs in float32 even under autocast: the head is cheap, and Sinkhorn divides the scores
+        by eps (0.05), so bf16 rounding of the scores (~0.004 near 1) would become noise in Q.
+        """
+        with torch.autocast(features.device.type, enabled=False):
+            return self._head(features.float())
+
+    def _head(self, features: torch.Tensor):
         z = self.projection_head(features)
         if self.normalize:
             z = F.normalize(z, dim=1, p=2)

@@ -1,0 +1,5 @@
+"""(being written)"""
+
+
+def register(sub) -> None:
+    """Add this module's sub-commands to ``sub`` (an argparse subparsers object)."""

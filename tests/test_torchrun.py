@@ -22,7 +22,7 @@ def free_port():
 
 def run(cmd, out, root, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = cmd + ["-m", "swav.cli", "pretrain", "--preset", "smoke", "--out", str(out),
+    full = cmd + ["-m", "swav.cli", "pretrain", "--preset", "smoke", "--no-report", "--out", str(out),
                   "--set", f"data.root={root}", *SETTINGS, *extra]
     proc = subprocess.run(full, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(full)} failed:\n{proc.stderr[-4000:]}"

@@ -58,7 +58,7 @@ def test_resume_in_process_is_exact(reference_run, tmp_path, fake_fmnist):
 
 
 def run_cli(out, root, *extra, env=None):
-    cmd = [sys.executable, "-m", "swav.cli", "pretrain", "--preset", "smoke", "--out", str(out),
+    cmd = [sys.executable, "-m", "swav.cli", "pretrain", "--preset", "smoke", "--no-report", "--out", str(out),
            "--set", f"data.root={root}", "--set", "data.subset=256", "--set", "train.batch_size=32",
            "--set", "train.epochs=2", "--set", "swav.queue_length=64", "--set", "swav.epoch_queue_starts=1",
            "--set", "train.save_every_steps=3", *extra]

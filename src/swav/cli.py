@@ -49,6 +49,9 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="insist on resuming: fail if DIR/checkpoint.pt does not exist (resuming is automatic "
                         "anyway when it does)")
+    p.add_argument("--no-report", action="store_true",
+                   help="don't write RUN/report.html at the end (curves, prototype gallery, embedding map); "
+                        "'swav report RUN' writes it any time")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop after N steps in this invocation, writing the checkpoint first (for time-limited "
                         "jobs: rerun the same command to continue); default: train to the end")
@@ -74,6 +77,20 @@ def _cmd_pretrain(args) -> int:
         print(f"swav: --resume given but {cfg.out}/checkpoint.pt does not exist", file=sys.stderr)
         return 2
     result = train(cfg, max_steps=args.max_steps)
+    from swav import distributed as dist_utils
+
+    if not dist_utils.is_main():
+        return 0
+    if not args.no_report and not result.stopped_by_signal:
+        import logging
+
+        from swav.report import write_report
+
+        try:
+            print(f"report: {write_report(result.out_dir)}")
+        except Exception as e:  # the run's outputs are safe; the report can be rebuilt
+            logging.getLogger("swav").warning("the report could not be written (%s: %s); the run is complete; "
+                                              "retry with 'swav report %s'", type(e).__name__, e, result.out_dir)
     print(f"run folder: {result.out_dir} ({result.global_step} steps, {result.epochs} epochs, "
           f"{result.seconds / 60:.1f} min)")
     if result.knn:

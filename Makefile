@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo data clean
+.PHONY: install test demo data fuzz clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ data:
 
 demo: install data
 	$(VENV)/bin/swav pretrain
+
+# Fuzz the image decoder (5 minutes; FUZZ_ARGS="--n 50000 --seed 1" for a fixed count)
+fuzz: install
+	OMP_NUM_THREADS=1 $(PY) bench/fuzz_decode.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

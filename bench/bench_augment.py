@@ -3,11 +3,15 @@ transforms (the official SwAV design: one PIL image at a time).
 
     python bench/bench_augment.py [--quick]
 
-Prints images/s for both and the speed ratio for two presets on synthetic uint8 images:
-``fmnist`` (1 channel, 28 px, 2x28 + 4x16 crops, batch 256) and ``rgb`` (3 channels, padded
-variable-size ~160-256 px images, 2x224 + 6x96 crops). For the fmnist preset it also times one
-ResNet-18 (small stem) training step on the crops, if ``swav.models`` is available, to put the
-augmentation cost in proportion.
+Prints images/s for both and the speed ratio on synthetic uint8 images, for three presets:
+``fashion-mnist`` (the transforms of swav's ``fashion-mnist`` preset, read from its config:
+1 channel, 28 px, 2x28 + 4x16 crops, jitter 0.5, no blur, batch 256), ``fmnist`` (the same
+images with every official transform switched on: blur too) and ``rgb`` (3 channels, padded
+variable-size ~160-256 px images, 2x224 + 6x96 crops, the official ImageNet recipe).
+
+``--step`` (default on for ``fashion-mnist``) then runs ``swav bench`` of the fashion-mnist preset
+(the library's real training step, with the same thread count) and prints the augmentation's
+share of the step.
 """
 from __future__ import annotations
 
@@ -22,7 +26,19 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from swav.data.multicrop import MultiCrop
 
+def _from_config(name: str, n: int) -> dict:
+    from swav.config import make_config
+
+    cfg = make_config(name)
+    a = cfg.augment
+    return dict(n=n, chans=cfg.model.in_chans, hw=(28, 28), var=0, size_crops=a.size_crops, nmb_crops=a.nmb_crops,
+                min_scale_crops=a.min_scale_crops, max_scale_crops=a.max_scale_crops, mean=tuple(a.mean),
+                std=tuple(a.std), flip_prob=a.flip_prob, jitter_strength=a.jitter_strength, jitter_prob=a.jitter_prob,
+                grayscale_prob=a.grayscale_prob, blur_prob=a.blur_prob, blur_sigma=tuple(a.blur_sigma))
+
+
 PRESETS = {
+    "fashion-mnist": _from_config("fashion-mnist", 256),
     "fmnist": dict(n=256, chans=1, hw=(28, 28), var=0, size_crops=[28, 16], nmb_crops=[2, 4],
                    min_scale_crops=[0.14, 0.05], max_scale_crops=[1.0, 0.14], mean=(0.286,), std=(0.353,)),
     "rgb": dict(n=32, chans=3, hw=(256, 256), var=96, size_crops=[224, 96], nmb_crops=[2, 6],
@@ -139,36 +155,7 @@ def timeit(fn, min_time=1.0, max_reps=20):
     return best
 
 
-def train_step_time(mc, img, sizes, sub=32):
-    """Seconds of one ResNet-18 SGD step on the crops of the whole batch, timed on ``sub`` images
-    and scaled linearly (a full 256-image step takes tens of seconds on a small CPU)."""
-    img, sizes, scale = img[:sub], sizes[:sub], img.shape[0] / sub
-    try:
-        from swav.models import create_backbone
-        net = create_backbone("resnet18", in_chans=img.shape[1], small_stem=True)
-    except Exception as e:  # models are written elsewhere; the bench must not depend on them
-        print(f"  (no ResNet-18 step timing: {type(e).__name__}: {e})")
-        return None
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    crops = mc(img, sizes, mc.sample_params(img.shape[0], torch.Generator().manual_seed(0)))
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = 0.0
-        i = 0
-        for k in mc.nmb_crops:  # one forward per resolution, like SwAV
-            feats = net(torch.cat(crops[i:i + k]))
-            loss = loss + feats.pow(2).mean()
-            i += k
-        loss.backward()
-        opt.step()
-
-    t0 = time.perf_counter()
-    step()  # a single step: no warm-up (first-call overhead makes this an over-estimate)
-    return (time.perf_counter() - t0) * scale
-
-
-def bench(name, quick=False):
+def bench(name, quick=False, step=False):
     cfg = dict(PRESETS[name])
     n, chans, hw, var = cfg.pop("n"), cfg.pop("chans"), cfg.pop("hw"), cfg.pop("var")
     img, sizes = synthetic_batch(n, chans, hw, var)
@@ -194,23 +181,28 @@ def bench(name, quick=False):
     print(f"  batched MultiCrop : {ips_b:9.1f} images/s  ({t_b * 1e3:.1f} ms / batch of {n})")
     print(f"  per-image PIL     : {ips_p:9.1f} images/s")
     print(f"  ratio             : {ips_b / ips_p:9.1f}x")
-    if name == "fmnist" and not quick:
-        t_s = train_step_time(mc, img, sizes)
-        if t_s is not None:
-            print(f"  ResNet-18 (small stem) SGD step on these crops ~{t_s * 1e3:.0f} ms "
-                  f"(timed on 32 images, x{n // 32}); augmentation = {100 * t_b / (t_b + t_s):.2f}% of step+aug")
+    if step:
+        from swav.benchmark import run_benchmark
+        from swav.config import make_config
+
+        r = run_benchmark(make_config("fashion-mnist"), steps=3, warmup=1, threads=torch.get_num_threads())
+        aug = r["phases_ms"]["augment"]
+        print(f"  swav bench fashion-mnist ({r['precision']}, {r['threads']} threads): step {r['step_ms']:.0f} ms, "
+              f"augmentation {aug:.1f} ms = {100 * r['phase_fraction']['augment']:.2f} % of the step")
+    return ips_b / ips_p
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--preset", choices=list(PRESETS), nargs="*", default=list(PRESETS))
+    ap.add_argument("--no-step", action="store_true", help="skip the training-step share (fashion-mnist)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads for the batched pipeline (default 1: same single core as the PIL one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.preset:
-        bench(name, quick=args.quick)
+        bench(name, quick=args.quick, step=name == "fashion-mnist" and not args.no_step and not args.quick)
 
 
 if __name__ == "__main__":

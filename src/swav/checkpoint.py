@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
+import stat
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -134,57 +137,135 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the reason."""
 
 
+class _RecordingWriter:
+    """A file's ``write`` that remembers the OSError it raised: torch.save turns a failed write
+    (ENOSPC, EFBIG, EIO) into a RuntimeError that no longer says which error it was."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
 def save_atomic(obj, path: str | os.PathLike) -> None:
     """torch.save ``obj`` to ``path`` so that ``path`` is always either the old or the new file.
 
     Writes a temporary file in the same folder, fsyncs it, renames it over ``path`` and fsyncs the
-    folder. On failure (a full disk, say) the temporary file is removed, the previous file is left
-    intact, and the error names the path.
+    folder. On failure (a full disk, a file-size limit, an interrupt) the temporary file is removed
+    and the previous file is left intact; a failed write raises OSError with the original errno and
+    a message that names the path.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    writer = None
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OSError(e.errno, f"could not write checkpoint {path} ({e.strerror}); the previous "
-                               f"checkpoint there, if any, is intact") from e
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+        err = e if isinstance(e, OSError) else (writer.error if writer is not None else None)
+        if err is None:
+            raise
+        reason = err.strerror or str(err)
+        raise OSError(err.errno, f"could not write checkpoint {path} ({reason}); the previous "
+                                 f"checkpoint there, if any, is intact") from e
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
+def link_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` a second name (hard link) of the complete file ``src``, atomically: ``dst`` is
+    always either its previous file or ``src``. Raises OSError where the file system has no hard
+    links (the caller then writes the file again)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(dst.parent)
+
+
+def _unpickling_refusal(path: Path, e: Exception) -> CheckpointError:
+    """The reason the restricted unpickler gave up, in one line: code it would have had to import
+    and call, or a stream that is not a checkpoint at all."""
+    text = str(e)
+    found = re.search(r"(?:unsupported )?GLOBAL ([\w.]+)", text)
+    if found:
+        return CheckpointError(
+            f"refused {path}: loading it would import and call {found.group(1)}, i.e. run code stored in "
+            "the file; only tensors and plain containers are loaded (torch.load weights_only=True). "
+            "Do not load this file with weights_only=False unless you made it yourself")
+    detail = next((line.strip() for line in text.splitlines()
+                   if line.strip().startswith(("Unsupported operand", "Unsupported", "Expected", "Unpickler"))),
+                  text.strip().splitlines()[-1] if text.strip() else type(e).__name__)
+    return CheckpointError(f"{path} is not a PyTorch checkpoint that can be loaded safely (corrupt, truncated or "
+                           f"another format): {detail}")
+
+
 def load_checkpoint_file(path: str | os.PathLike, max_bytes: int = 1 << 36):
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never code."""
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, never code.
+
+    Every failure is a :class:`CheckpointError` naming the file and the reason: missing, not a
+    regular file, empty, over ``max_bytes``, truncated or corrupt, or holding pickled objects
+    whose rebuilding would call code.
+    """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from e
-    if size > max_bytes:
-        raise CheckpointError(f"checkpoint {path} is {size} bytes, over the {max_bytes}-byte limit")
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    if st.st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if st.st_size > max_bytes:
+        raise CheckpointError(f"checkpoint {path} is {st.st_size} bytes, over the {max_bytes}-byte limit")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4 ..."
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refused {path}: it holds Python objects that only a full unpickle could rebuild, which "
-            f"could run code from the file; only tensors and plain containers are loaded ({e})") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {e}") from e
+        raise _unpickling_refusal(path, e) from e
+    except MemoryError as e:
+        raise CheckpointError(f"checkpoint {path}: out of memory while loading it") from e
+    except Exception as e:  # truncated zip, bad magic number, KeyError from a garbled stream, ...
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint that can be loaded (unreadable, "
+                              f"truncated or corrupt): "
+                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
 
 
-def load_run_state(path: str | os.PathLike) -> dict:
+def load_run_state(path: str | os.PathLike, max_bytes: int = 1 << 36) -> dict:
     """A run's training state (see trainer.py), checked for the fields resuming needs."""
-    state = load_checkpoint_file(path)
+    state = load_checkpoint_file(path, max_bytes=max_bytes)
     needed = ("format", "config", "epochs", "global_step", "model", "optimizer")
     if not isinstance(state, dict) or any(k not in state for k in needed):
-        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        have = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a swav run checkpoint (needs {list(needed)}, found {have})")
     return state

@@ -17,6 +17,7 @@ import difflib
 import math
 import os
 import re
+import reprlib
 import tempfile
 import types
 import typing
@@ -450,7 +451,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return _coerce_scalar(value, inner)
         return _coerce_scalar(value, tp)
     except (_CoerceError, yaml.YAMLError):
-        raise ConfigError(f"{key}: cannot use {value!r} ({type(value).__name__}); expected "
+        raise ConfigError(f"{key}: cannot use {reprlib.repr(value)} ({type(value).__name__}); expected "
                           f"{_type_name(tp)}") from None
 
 
@@ -628,6 +629,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(p)!r} is nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

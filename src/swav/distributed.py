@@ -38,6 +38,7 @@ __all__ = [
     "all_reduce_mean",
     "all_gather_cat",
     "broadcast_object",
+    "gather_objects",
 ]
 
 SLURM_PORT_BASE = 15000
@@ -330,6 +331,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` outside a group)."""
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -31,7 +32,7 @@ from swav.monitor import (CollapseWatch, MetricsWriter, NaNGuard, ProgressBar, a
                           setup_logging)
 from swav.optim import build_optimizer, cosine_schedule, set_lr
 from swav.queue import FeatureQueue
-from swav.checkpoint import CHECKPOINT_NAME, load_run_state, save_atomic
+from swav.checkpoint import CHECKPOINT_NAME, link_atomic, load_run_state, save_atomic
 
 __all__ = ["train", "build_model", "RunResult", "ResumeMismatchError", "knn_of_backbone"]
 
@@ -68,7 +69,7 @@ def pick_device(spec: str, env: dist_utils.DistEnv) -> torch.device:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={spec!r} but no CUDA GPU is visible; use --device cpu")
+            raise ConfigError(f"train.device = {spec!r} but no CUDA GPU is visible; use --device cpu")
         if spec == "cuda":
             return torch.device("cuda", env.local_rank if env.is_distributed else torch.cuda.current_device())
     return torch.device(spec)
@@ -139,6 +140,35 @@ def _labelled_split(cfg: Config, split: str):
     return ds
 
 
+def _printable(text: str) -> str:
+    """``text`` safe for every log stream: bytes of a file name that are not UTF-8 (kept by
+    ``os.fsdecode`` as lone surrogates, which a UTF-8 log file cannot encode) shown as ``\\xNN``."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _preflight(cfg: Config, max_steps: int | None) -> None:
+    """Checks that need the file system or the call, done before anything is written."""
+    from swav.data import builtin
+
+    problems = []
+    if max_steps is not None and max_steps < 1:
+        problems.append(f"max_steps (--max-steps) = {max_steps} must be >= 1")
+    if cfg.model.in_chans not in (1, 3):
+        problems.append(f"model.in_chans = {cfg.model.in_chans} must be 1 (grey) or 3 (colour)")
+    src = str(cfg.data.source)
+    if src.strip() and builtin.canonical_name(src) is None and not os.path.exists(src):
+        problems.append(f"data.source = {src!r} is neither a built-in data set ({', '.join(builtin.BUILTIN_NAMES)}) "
+                        "nor an existing folder of images or file list")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"out = {str(out)!r} exists and is not a folder")
+    if problems:
+        raise ConfigError(problems)
+
+
 class _SignalFlag:
     """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the step, write a checkpoint, exit cleanly."""
 
@@ -168,9 +198,21 @@ def _fit_epochs_to_budget(cfg: Config, seconds_per_step: float, steps_per_epoch:
     return max(1, min(cfg.train.epochs, fitted))
 
 
+def _stretch(cfg: Config, epochs: int) -> float:
+    """Fraction of the configured length that is trained: 1 without a time budget. When a budget
+    fits fewer epochs, warmup and prototype freezing shrink in proportion (the recipe's shape is
+    kept; a 1-epoch warmup in a 2-epoch run would leave no time to learn)."""
+    return min(1.0, epochs / cfg.train.epochs)
+
+
 def _schedule(cfg: Config, epochs: int, steps_per_epoch: int):
     o = cfg.optim
-    return cosine_schedule(o.lr, o.final_lr, epochs, steps_per_epoch, min(o.warmup_epochs, epochs), o.start_warmup)
+    warmup = min(o.warmup_epochs * _stretch(cfg, epochs), epochs)
+    return cosine_schedule(o.lr, o.final_lr, epochs, steps_per_epoch, warmup, o.start_warmup)
+
+
+def _freeze_steps(cfg: Config, epochs: int, steps_per_epoch: int) -> int:
+    return int(round(cfg.swav.freeze_prototypes_epochs * _stretch(cfg, epochs) * steps_per_epoch))
 
 
 def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
@@ -182,14 +224,18 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
     """
     t_start = time.time()
     env = dist_utils.read_env()
+    # every setting is checked before anything is started or written
+    warnings = validate(cfg, world_size=env.world_size)
+    _preflight(cfg, max_steps)
     device_type = "cuda" if (cfg.train.device.startswith("cuda") or
                              (cfg.train.device == "auto" and torch.cuda.is_available())) else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {cfg.train.device!r} but no CUDA GPU is visible; use --device cpu")
     if env.is_distributed and not dist_utils.is_dist():
         env = dist_utils.init_distributed(device_type)
     rank, world = env.rank, env.world_size
     device = pick_device(cfg.train.device, env)
     out = Path(cfg.out)
-    warnings = validate(cfg, world_size=world)
     precision = resolve_precision(cfg.train.precision, device)
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(["train.precision = fp16 needs a CUDA GPU (loss scaling); use bf16 on CPU"])
@@ -216,13 +262,24 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
         save_yaml(cfg, out / "config.yaml")
 
     # ---- data ------------------------------------------------------------------------
-    dataset = build_dataset(cfg.data.source, "train", in_chans=cfg.model.in_chans, root=cfg.data.root,
-                            download=cfg.data.download, subset=cfg.data.subset, min_size=cfg.data.min_size,
-                            max_side=cfg.data.max_side)
     gb = cfg.train.batch_size
     b = gb // world
-    loader = EpochLoader(dataset, gb, seed=cfg.train.seed, epoch=0, rank=rank, world_size=world,
-                         workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    try:  # a source that cannot be used is a configuration error (exit code 2), named as such
+        dataset = build_dataset(cfg.data.source, "train", in_chans=cfg.model.in_chans, root=cfg.data.root,
+                                download=cfg.data.download, subset=cfg.data.subset, min_size=cfg.data.min_size,
+                                max_side=cfg.data.max_side)
+        loader = EpochLoader(dataset, gb, seed=cfg.train.seed, epoch=0, rank=rank, world_size=world,
+                             workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data.source = {str(cfg.data.source)!r}: {e}") from None
+    if (cfg.train.knn_every or cfg.train.final_knn) and not hasattr(dataset, "get_batch"):
+        try:  # the kNN monitor needs labelled train and test splits: fail now, not after training
+            for split in ("train", "test"):
+                _labelled_split(cfg, split)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"train.knn_every / train.final_knn need labelled train and test splits of "
+                              f"data.source: {e}; for unlabelled images set train.final_knn=false and "
+                              "train.knn_every=0") from None
     spe = loader.steps_per_epoch
     a = cfg.augment
     multicrop = MultiCrop(a.size_crops, a.nmb_crops, a.min_scale_crops, a.max_scale_crops, a.flip_prob,
@@ -266,12 +323,18 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                     ckpt_path, start_step, start_step // spe, int(state.get("world_size", 1)), world)
         del state
     raw_model = model
+    # A skipped (non-finite) step must leave the state as it was; BatchNorm running statistics are
+    # updated during the forward pass, before the loss is known, so they are copied before each
+    # step and put back when the step is skipped (a few KB per step, no host sync).
+    buffers = list(raw_model.buffers())
+    float_buffers = [t for t in buffers if t.is_floating_point()]
+    buffer_copy = [t.detach().clone() for t in buffers]
     if world > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         broadcast_buffers=False)
     if cfg.train.compile:
         model = torch.compile(model)
-    freeze_steps = int(round(cfg.swav.freeze_prototypes_epochs * spe))
+    freeze_steps = _freeze_steps(cfg, epochs, spe)
     schedule = _schedule(cfg, epochs, spe)
 
     metrics = MetricsWriter(out, enabled=dist_utils.is_main())
@@ -289,6 +352,7 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
     calib_t0 = None
     bar = ProgressBar(epochs * spe, enabled=dist_utils.is_main(), every=cfg.train.log_every)
     stopped_by_signal = False
+    signal_stop = False
     steps_this_call = 0
 
     def save(epoch_done: bool):
@@ -302,15 +366,23 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
             "queue": qstate, "skipped_files": skipped_total, "nonfinite_steps": nan_guard.bad_steps_total,
             "rng": {"torch": torch.get_rng_state()},
         }
-        save_atomic(st, ckpt_path)
         ep = step // spe
-        if epoch_done and (ep % cfg.train.checkpoint_every == 0 or ep == epochs):
-            keep = out / f"checkpoint-epoch{ep}.pt"
-            tmp = out / f".{keep.name}.tmp"
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            os.link(ckpt_path, tmp)  # the same bytes under a second name, atomically
-            os.replace(tmp, keep)
+        keep = out / f"checkpoint-epoch{ep}.pt" if epoch_done and (
+            ep % cfg.train.checkpoint_every == 0 or ep == epochs) else None
+        try:
+            if keep is None:
+                save_atomic(st, ckpt_path)
+            else:
+                # the kept copy first, then checkpoint.pt as a second name of the same file: killed in
+                # between, checkpoint.pt still holds the previous save and the resumed run writes both
+                save_atomic(st, keep)
+                try:
+                    link_atomic(keep, ckpt_path)
+                except OSError:  # a file system without hard links: write it again
+                    save_atomic(st, ckpt_path)
+        except OSError as e:
+            logger.error("%s", e)
+            raise
 
     with _SignalFlag() as sig:
         while step < epochs * spe:
@@ -321,10 +393,10 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
             t_data = time.perf_counter()
             for batch in loader:
                 data_time_window += time.perf_counter() - t_data
-                if batch.skipped:
+                if batch.skipped and world == 1:
                     skipped_total += len(batch.skipped)
                     for s in batch.skipped:
-                        logger.warning("skipped %s: %s", s.path, s.reason)
+                        logger.warning("skipped %s: %s", _printable(s.path), _printable(s.reason))
                 rank_idx = loader.rank_batch_indices(it)
                 if len(batch) == 0:
                     raise RuntimeError(f"every image of step {step} on rank {rank} was unusable; "
@@ -343,6 +415,8 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                 crops = multicrop(images, sizes, params)
                 set_lr(optimizer, float(schedule[step]))
                 raw_model.prototypes.normalize_()
+                torch._foreach_copy_(buffer_copy, buffers)
+                queue_tail = (queue.buffer[:, -bl:].clone(), queue.in_use) if queue is not None else None
                 with _autocast(device, precision):
                     z, scores = model(crops)
                 loss, full = swav_loss(scores, z.detach().float(), raw_model.prototypes.weights()
@@ -358,15 +432,48 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                     loss.backward()
                 if step < freeze_steps:
                     raw_model.prototypes.drop_grad_()
-                if nan_guard.check(loss, raw_model):
+                # non-finite BatchNorm statistics make the step bad too; in a process group every
+                # rank must take the same decisions (step or skip, stop on a signal), so the flags
+                # are summed over ranks (one small all-reduce, read at the NaN guard's host sync)
+                buffers_ok = torch.isfinite(torch.stack(torch._foreach_norm(float_buffers, math.inf))).all() \
+                    if float_buffers else torch.ones((), dtype=torch.bool, device=device)
+                guard_loss = loss.detach().float()
+                if world > 1:
+                    flags = dist_utils.all_reduce_sum(torch.stack([
+                        (~(torch.isfinite(guard_loss) & buffers_ok)).float(),
+                        torch.full((), float(sig.raised is not None), device=device),
+                        torch.full((), float(len(batch.skipped)), device=device)]))
+                    guard_loss = guard_loss + torch.where(flags[0] > 0, float("nan"), 0.0)
+                else:
+                    guard_loss = guard_loss + torch.where(buffers_ok, 0.0, float("nan"))
+                if nan_guard.check(guard_loss, raw_model):
                     if scaler is not None:
                         scaler.step(optimizer)
                     else:
                         optimizer.step()
                 else:
-                    logger.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                                   step, nan_guard.consecutive)
+                    causes = [name for name, ok in (("loss", torch.isfinite(loss.detach()).all()),
+                                                    ("BatchNorm statistics", buffers_ok)) if not bool(ok)]
+                    logger.warning("step %d: non-finite %s, step skipped and undone (%d in a row)", step,
+                                   " and ".join(causes) or ("gradients" if world == 1 else "gradients or a value "
+                                                            "on another rank"), nan_guard.consecutive)
                     optimizer.zero_grad(set_to_none=True)
+                    torch._foreach_copy_(buffers, buffer_copy)
+                    if queue_tail is not None:  # undo this step's push: shift back, restore the oldest rows
+                        tail, in_use = queue_tail
+                        n = tail.shape[1]
+                        queue.buffer[:, :-n] = queue.buffer[:, n:].clone()
+                        queue.buffer[:, -n:] = tail
+                        queue.in_use = in_use
+                if world > 1:
+                    _, n_signal, n_skipped = flags.tolist()  # computed before the guard's sync: no wait
+                    signal_stop = n_signal > 0
+                    if n_skipped > 0:  # every rank's skipped files go to rank 0's log
+                        skipped_total += int(n_skipped)
+                        for s in (r for recs in dist_utils.gather_objects(batch.skipped) for r in recs):
+                            logger.warning("skipped %s: %s", _printable(s.path), _printable(s.reason))
+                else:
+                    signal_stop = sig.raised is not None
                 if scaler is not None:
                     scaler.update()
                 step += 1
@@ -385,6 +492,7 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                             fitted = dist_utils.broadcast_object(fitted)
                         epochs = fitted
                         schedule = _schedule(cfg, epochs, spe)
+                        freeze_steps = _freeze_steps(cfg, epochs, spe)
                         bar.total = epochs * spe
                         budget_fitted = True
                         logger.info("time budget %.1f min at %.3f s/step: training %d epoch(s) (%d steps)",
@@ -410,7 +518,7 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                         logger.warning(warn)
                     t_window, imgs_window, data_time_window = now, 0, 0.0
 
-                stop = sig.raised is not None or (max_steps is not None and steps_this_call >= max_steps)
+                stop = signal_stop or (max_steps is not None and steps_this_call >= max_steps)
                 if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0 and it < spe:
                     save(epoch_done=False)
                 if it == spe or stop:
@@ -424,9 +532,10 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                     res = knn_of_backbone(raw_model.backbone, cfg, device)
                     metrics.write(step, **{k: v for k, v in res.items() if isinstance(v, float)})
                     logger.info("online kNN: %s", res)
-            if sig.raised is not None:
-                logger.warning("received signal %d: checkpoint written to %s, exiting; rerun the same "
-                               "command to resume", sig.raised, ckpt_path)
+            if signal_stop:
+                logger.warning("received signal %s: checkpoint written to %s, exiting; rerun the same "
+                               "command to resume", sig.raised if sig.raised is not None else "(on another rank)",
+                               ckpt_path)
                 stopped_by_signal = True
                 break
             if max_steps is not None and steps_this_call >= max_steps:

@@ -291,6 +291,9 @@ def decode_image(
         raise BadImageError(f"cannot open: {e.strerror or e}") from None
     try:
         with f, warnings.catch_warnings():
+            # Pillow's notes on damaged metadata ("Corrupt EXIF data", "Truncated File Read" in a
+            # tag, ...) would repeat for such a file at every epoch; the pixels decide, not them
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             if max_pixels > 0:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             else:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
+import signal
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
@@ -97,6 +100,32 @@ def pad_collate(items: Sequence, channels: int | None = None) -> Batch:
     labels = torch.tensor([int(lab) for _, lab, _ in good], dtype=torch.int64)
     indices = torch.tensor([int(i) for _, _, i in good], dtype=torch.int64)
     return Batch(images=images, sizes=sizes, labels=labels, indices=indices, skipped=skipped)
+
+
+def _worker_init(worker_id: int) -> None:
+    """In a data-loader worker: SIGTERM and SIGUSR1 from anyone but the parent are ignored.
+
+    SLURM (pre-emption, time limit) and ``kill -- -PGID`` signal every process of the job, the
+    workers included. A worker killed by SIGTERM makes the main process fail at once ("DataLoader
+    worker is killed by signal"), before it can finish its step and write its checkpoint. So the
+    worker blocks SIGTERM and a thread takes it with ``sigwaitinfo``: sent by the parent (the
+    loader's own shutdown) or after the parent has gone, the worker exits at once, as torch's
+    handler does; from anyone else it is ignored, and the main process, which handles the signal,
+    stops the workers when it is done.
+    """
+    if not (hasattr(signal, "SIGUSR1") and hasattr(signal, "sigwaitinfo")):  # Windows, macOS: as torch does
+        return
+    parent = os.getppid()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by threads started later
+
+    def take_sigterm() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="swav-worker-sigterm", daemon=True).start()
 
 
 def _mix_seed(seed: int, epoch: int) -> int:
@@ -272,6 +301,7 @@ class EpochLoader:
             num_workers=self.workers,
             collate_fn=functools.partial(pad_collate, channels=ds.in_chans),
             pin_memory=self._pin(),
+            worker_init_fn=_worker_init if self.workers > 0 else None,
             **kwargs,
         )
 

@@ -1,0 +1,140 @@
+"""Quality per unit of time: pretrain for a fixed wall-clock budget, then kNN and linear accuracy.
+
+    python bench/quality.py --minutes 3                                   # the CPU demo preset
+    python bench/quality.py --minutes 3 --variant base: \\
+        --variant wide:model.width_per_group=32 --variant k300:model.nmb_prototypes=300
+    python bench/quality.py --preset fashion-mnist --device cuda --minutes 10 --set train.batch_size=512
+
+Each variant is a list of ``key=value`` settings (comma-separated) on top of the preset and the
+``--set`` options; variants run one after another (never in parallel: they would share the CPU),
+each with the same budget (``train.time_budget_minutes``: the trainer times its first steps and
+fits the number of epochs to the budget). After training it reports the trainer's own final kNN
+(weighted k=20 on the test split, the learned backbone next to the same backbone at
+initialisation) and, unless ``--no-linear``, a linear probe: a linear classifier trained on frozen,
+standardised pooled features of the train split (full-batch L-BFGS with a little weight decay),
+tested on the test split. Prints a table, and with ``--json FILE`` writes every result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from swav.config import make_config
+
+
+def linear_probe(backbone, cfg, device, max_train: int = 0, epochs: int = 100, wd: float = 1e-4) -> dict:
+    """Top-1 % of a linear classifier on frozen pooled features (train split -> test split)."""
+    from swav.data.datasets import build_dataset
+    from swav.data.loader import EpochLoader
+    from swav.data.multicrop import EvalTransform
+    from swav.eval.features import extract_features
+
+    def feats(split, limit=0):
+        ds = build_dataset(cfg.data.source, split, in_chans=cfg.model.in_chans, root=cfg.data.root,
+                           download=cfg.data.download)
+        if limit and len(ds) > limit:
+            ds = ds.subset(limit)
+        loader = EpochLoader(ds, min(512, len(ds)), seed=0, epoch=0, shuffle=False, drop_last=False)
+        tf = EvalTransform(cfg.augment.size_crops[0], cfg.augment.mean, cfg.augment.std,
+                           resize=not hasattr(ds, "get_batch")).to(device)
+        f, y, _ = extract_features(backbone, loader, tf, device)
+        return f, y
+
+    t0 = time.perf_counter()
+    ftr, ytr = feats("train", max_train)
+    fte, yte = feats("test")
+    mu, sd = ftr.mean(0), ftr.std(0).clamp(min=1e-6)
+    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    n_cls = int(max(ytr.max(), yte.max())) + 1
+    lin = torch.nn.Linear(ftr.shape[1], n_cls)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=epochs, history_size=20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(ftr), ytr) + wd * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        acc = (lin(fte).argmax(1) == yte).float().mean().item() * 100
+        acc_tr = (lin(ftr).argmax(1) == ytr).float().mean().item() * 100
+    return {"linear_top1": acc, "linear_train_top1": acc_tr, "linear_seconds": time.perf_counter() - t0}
+
+
+def run_variant(name: str, settings: list[str], args) -> dict:
+    from swav.trainer import build_model, train
+
+    out = Path(args.out) / name
+    if out.exists() and not args.resume:
+        import shutil
+        shutil.rmtree(out)
+    overrides = list(args.set) + settings + [f"train.time_budget_minutes={args.minutes}", "train.final_knn=true",
+                                             f"out={out}"]
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    cfg = make_config(args.preset, overrides=overrides)
+    print(f"== {name}: {args.preset} {' '.join(settings) or '(preset as is)'}, {args.minutes} min", flush=True)
+    t0 = time.perf_counter()
+    res = train(cfg)
+    train_s = res.seconds
+    k = cfg.train.knn_k
+    row = {"name": name, "preset": args.preset, "settings": settings + list(args.set), "minutes": args.minutes,
+           "epochs": res.epochs, "steps": res.global_step, "train_and_knn_seconds": train_s, "last_loss": res.last_loss,
+           "threads": torch.get_num_threads()}
+    if res.knn:
+        row["knn_top1"] = res.knn["learned"][f"knn_top1@{k}"]
+        row["knn_init_top1"] = res.knn["init"][f"knn_top1@{k}"]
+    if not args.no_linear:
+        from swav.checkpoint import load_run_state
+        state = load_run_state(out / "checkpoint.pt")
+        model = build_model(cfg)
+        model.load_state_dict(state["model"])
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        row.update(linear_probe(model.backbone.to(dev), cfg, dev, args.linear_max_train))
+    row["wall_seconds"] = time.perf_counter() - t0
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="fashion-mnist")
+    ap.add_argument("--minutes", type=float, default=3.0, help="training budget per variant (default 3)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
+                    help="a named set of settings (repeatable); default: the preset as is")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings for every variant")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default="/tmp/swav-quality")
+    ap.add_argument("--resume", action="store_true", help="keep existing run folders (resume them)")
+    ap.add_argument("--no-linear", action="store_true")
+    ap.add_argument("--linear-max-train", type=int, default=0, help="train the probe on at most N images")
+    ap.add_argument("--json", metavar="FILE", help="append the results (one JSON object per line)")
+    args = ap.parse_args(argv)
+    variants = []
+    for v in args.variant or ["base:"]:
+        name, _, rest = v.partition(":")
+        variants.append((name, [s for s in rest.split(",") if s]))
+    rows = []
+    for name, settings in variants:
+        row = run_variant(name, settings, args)
+        rows.append(row)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    print(f"\n{'variant':14s} {'epochs':>6s} {'steps':>6s} {'kNN':>7s} {'init':>7s} {'linear':>7s}  settings")
+    for r in rows:
+        print(f"{r['name']:14s} {r['epochs']:6d} {r['steps']:6d} {r.get('knn_top1', float('nan')):7.2f} "
+              f"{r.get('knn_init_top1', float('nan')):7.2f} {r.get('linear_top1', float('nan')):7.2f}  "
+              f"{' '.join(r['settings'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""Speed of a SwAV training step, measured against the machine's own matrix-product rate.
+
+``run_benchmark(cfg, steps=N)`` runs N training steps of a configuration with the library's own
+step pieces (:class:`~swav.data.multicrop.MultiCrop`, :class:`~swav.models.SwAVModel`,
+:func:`~swav.loss.compute_codes` + :func:`~swav.loss.swapped_prediction_loss` = ``swav_loss``, the
+configured optimizer) and returns one flat-ish dict:
+
+* images/s, and the time of a step split into phases: ``data`` (decode / load and the copy to the
+  device), ``augment`` (multi-crop), ``forward``, ``sinkhorn`` (codes, queue scoring included),
+  ``loss``, ``backward``, ``optimizer`` (learning rate, prototype normalisation, the update);
+* peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set);
+* the model's arithmetic (conv / linear / prototype multiply-adds counted per crop resolution with
+  forward hooks, see :func:`count_model_flops`) divided by the step time, as a fraction of the rate
+  this device reaches on a large square matrix product timed in the same run
+  (:func:`matmul_rate`), in fp32 and in the step's precision.
+
+Measuring the phases needs a device synchronisation at each phase boundary (a no-op on CPU). On a
+GPU the images/s figure therefore comes from a second, free-running set of steps with a single
+synchronisation at its end; ``images_per_s_phased`` is the figure of the synchronised steps.
+
+Without ``data`` the images are synthetic uint8 images already in memory on the device (a pool of
+a few batches, shaped like the configured source), so the figure is the step itself; with a data
+source the batches come from the same loader as training (workers, pinned memory).
+
+Launched under ``torchrun`` the benchmark runs data-parallel like the trainer (gloo on CPU, NCCL
+on GPU) and reports global images/s from rank 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from swav.config import Config
+
+__all__ = ["run_benchmark", "count_model_flops", "count_flops", "matmul_rate", "build_multicrop",
+           "synthetic_images", "PHASES", "format_report"]
+
+PHASES = ("data", "augment", "forward", "sinkhorn", "loss", "backward", "optimizer")
+
+# (channels, height, width) of the built-in sources' images
+_BUILTIN_SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
+                   "stl10": (3, 96, 96)}
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counting
+# --------------------------------------------------------------------------------------------
+def _layer_macs(module: nn.Module, inputs, output) -> int:
+    """Multiply-adds of one forward call of a conv / linear / prototype layer (0 for others)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = math.prod(module.kernel_size)
+        return output.numel() * (module.in_channels // module.groups) * k
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    outs = output if isinstance(output, (list, tuple)) else [output]
+    if hasattr(module, "weights") and hasattr(module, "nmb_prototypes"):  # swav.models.heads.Prototypes
+        x = inputs[0]
+        return sum(o.numel() * x.shape[-1] for o in outs)
+    return 0
+
+
+def count_flops(model: nn.Module, run: Callable[[], object]) -> dict:
+    """Count the arithmetic of ``run()`` (which calls ``model``) with forward hooks.
+
+    Every conv, linear and SwAV prototype layer inside ``model`` adds its multiply-adds (MACs).
+    FLOPs are 2 x MACs. The backward pass of a layer costs one MAC count for the weight gradient
+    (when its weight requires grad) and one for the input gradient (when its input requires grad:
+    not for the first layer fed by the images), so a training step is not blindly 3 x forward.
+    Batch norm, activations, pooling and the loss are not counted (they are memory bound and
+    small in FLOPs). Returns ``{"forward_flops", "backward_flops", "layers"}``; ``layers`` lists
+    ``(name, forward MACs)`` in call order.
+    """
+    records: list[tuple[str, int, int]] = []  # (name, fwd macs, bwd macs)
+    hooks = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            macs = _layer_macs(module, inputs, output)
+            if not macs:
+                return
+            weights = module.weights() if hasattr(module, "weights") and callable(module.weights) else [module.weight]
+            w_grad = any(w.requires_grad for w in weights)
+            x_grad = bool(inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad)
+            records.append((name, macs, macs * (int(w_grad) + int(x_grad))))
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or (
+                hasattr(m, "weights") and hasattr(m, "nmb_prototypes")):
+            # the Linear layers inside a multi-head Prototypes are counted by the Prototypes hook
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            if isinstance(m, nn.Linear) and parent and hasattr(model.get_submodule(parent), "nmb_prototypes"):
+                continue
+            hooks.append(m.register_forward_hook(hook(name)))
+    try:
+        with torch.enable_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"forward_flops": 2 * sum(r[1] for r in records), "backward_flops": 2 * sum(r[2] for r in records),
+            "layers": [(r[0], r[1]) for r in records]}
+
+
+def count_model_flops(model: nn.Module, in_chans: int, size_crops, nmb_crops, batch_size: int,
+                      device=None) -> dict:
+    """FLOPs of one training step of a SwAV model on ``batch_size`` images with the given crops.
+
+    Counted per crop resolution on a 2-image pass (eval mode, so batch norm statistics do not
+    move; the shapes and the arithmetic are the same as in training) and scaled to the batch.
+    Returns ``{"forward_flops", "train_flops", "per_image": {size: forward FLOPs of one crop}}``.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    per_image, fwd, train = {}, 0, 0
+    try:
+        for size, n in zip(size_crops, nmb_crops):
+            if n == 0:
+                continue
+            x = torch.zeros(2, in_chans, size, size, device=device)
+            c = count_flops(model, lambda: model([x]))
+            per_image[int(size)] = c["forward_flops"] / 2
+            fwd += n * batch_size * c["forward_flops"] / 2
+            train += n * batch_size * (c["forward_flops"] + c["backward_flops"]) / 2
+    finally:
+        model.train(was_training)
+    return {"forward_flops": fwd, "train_flops": train, "per_image": per_image}
+
+
+# --------------------------------------------------------------------------------------------
+# the device's own limit
+# --------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device, dtype=torch.float32, n: int | None = None, min_time: float = 0.5,
+                max_reps: int = 50, clock: Callable[[], float] = time.perf_counter) -> float:
+    """FLOP/s of an ``n x n`` by ``n x n`` matrix product in ``dtype`` on ``device`` (best of
+    repeated timings: on a shared machine the best is the machine's rate). ``n`` defaults to 2048
+    on CPU and 8192 on GPU. ``clock=time.process_time`` gives FLOPs per CPU-second of this
+    process (CPU only: insensitive to other processes sharing the cores)."""
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else 2048
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.float32, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, dtype=torch.float32, generator=g).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    inner = 1 if device.type == "cpu" else 10
+    torch.matmul(a, b, out=c)
+    _sync(device)
+    best, reps, t_start = float("inf"), 0, time.perf_counter()
+    while reps < max_reps and (reps < 3 or time.perf_counter() - t_start < min_time):
+        t0 = clock()
+        for _ in range(inner):
+            torch.matmul(a, b, out=c)
+        _sync(device)
+        best = min(best, (clock() - t0) / inner)
+        reps += 1
+    return 2.0 * n ** 3 / best
+
+
+# --------------------------------------------------------------------------------------------
+# the step's pieces, built as the trainer builds them
+# --------------------------------------------------------------------------------------------
+def build_multicrop(cfg: Config):
+    """The configured :class:`~swav.data.multicrop.MultiCrop` (on CPU)."""
+    from swav.data.multicrop import MultiCrop
+
+    a = cfg.augment
+    return MultiCrop(a.size_crops, a.nmb_crops, a.min_scale_crops, a.max_scale_crops, a.flip_prob,
+                     a.jitter_strength, a.jitter_prob, a.grayscale_prob, a.blur_prob, tuple(a.blur_sigma),
+                     tuple(a.mean), tuple(a.std), in_chans=cfg.model.in_chans,
+                     channels_last=cfg.train.channels_last)
+
+
+def synthetic_images(n: int, chans: int, height: int, width: int, device="cpu", seed: int = 0) -> torch.Tensor:
+    """``n`` smooth-ish random uint8 images ``(n, chans, height, width)`` (blobs plus noise, so
+    crops are not constant), made on ``device``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    low = torch.rand(n, chans, max(height // 4, 2), max(width // 4, 2), generator=g, device=device)
+    img = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+    img = img * 200 + torch.rand(n, chans, height, width, generator=g, device=device) * 55
+    return img.to(torch.uint8)
+
+
+def _image_shape(cfg: Config, image_size: int | None) -> tuple[int, int, int]:
+    src = str(cfg.data.source).lower()
+    c = cfg.model.in_chans
+    if image_size:
+        return c, image_size, image_size
+    if src in _BUILTIN_SHAPES:
+        _, h, w = _BUILTIN_SHAPES[src]
+        return c, h, w
+    side = int(round(max(cfg.augment.size_crops) / 0.875))  # 256 for 224-px crops
+    return c, side, side
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} logical CPUs"
+
+
+class _Phases:
+    """Adds the time since the previous mark to a phase, synchronising the device first."""
+
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.device, self.enabled = device, enabled
+        self.t = time.perf_counter()
+        self.acc = dict.fromkeys(PHASES, 0.0)
+
+    def start(self):
+        if self.enabled:
+            _sync(self.device)
+        self.t = time.perf_counter()
+
+    def mark(self, phase: str):
+        if not self.enabled:
+            return
+        _sync(self.device)
+        now = time.perf_counter()
+        self.acc[phase] += now - self.t
+        self.t = now
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------
+def run_benchmark(cfg: Config, *, steps: int = 10, warmup: int = 3, data: str | None = None,
+                  image_size: int | None = None, matmul_n: int | None = None,
+                  free_run: bool | None = None, threads: int | None = None,
+                  log: Callable[[str], None] | None = None) -> dict:
+    """Time ``steps`` training steps of ``cfg`` (after ``warmup`` untimed ones); see the module
+    docstring for what is measured. ``cfg.train.device``, ``precision``, ``channels_last``,
+    ``compile`` and ``batch_size`` (global) are honoured; ``data`` (a source as ``data.source``)
+    switches from synthetic in-memory images to the real loader. ``free_run`` (default: on GPU
+    only) adds ``steps`` unsynchronised steps for the images/s figure. ``threads`` sets torch's
+    CPU threads for the run (restored afterwards).
+
+    On CPU it also reports the step in CPU time of this process (``cpu_ms_per_step``) and the
+    fraction of the matmul rate in CPU time (``fraction_of_fp32_matmul_cpu_time``): with one
+    thread that is what an otherwise idle core would give, whatever else runs on the machine."""
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
+    from swav import distributed as dist_utils
+    from swav.data.multicrop import slice_params
+    from swav.loss import compute_codes, swapped_prediction_loss
+    from swav.optim import build_optimizer, cosine_schedule, set_lr
+    from swav.queue import FeatureQueue
+    from swav.trainer import build_model, pick_device, resolve_precision
+
+    log = log or (lambda s: None)
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    env = dist_utils.read_env()
+    device_type = "cuda" if (cfg.train.device.startswith("cuda") or
+                             (cfg.train.device == "auto" and torch.cuda.is_available())) else "cpu"
+    if env.is_distributed and not dist_utils.is_dist():
+        env = dist_utils.init_distributed(device_type)
+    rank, world = env.rank, env.world_size
+    device = pick_device(cfg.train.device, env)
+    precision = resolve_precision(cfg.train.precision, device)
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
+    gb = cfg.train.batch_size
+    if gb % world:
+        raise ValueError(f"global batch {gb} is not divisible by {world} processes")
+    b = gb // world
+    free_run = device.type == "cuda" if free_run is None else bool(free_run)
+    a = cfg.augment
+
+    # ---- data ------------------------------------------------------------------------
+    if data is None:
+        c, h, w = _image_shape(cfg, image_size)
+        pool_n = max(2 * b, 512 if h * w <= 64 * 64 else 2 * b)
+        pool = synthetic_images(pool_n, c, h, w, device=device, seed=rank)
+        data_desc = f"synthetic uint8 {c}x{h}x{w} on {device.type}"
+        perm_gen = torch.Generator(device=device).manual_seed(1 + rank)
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+            while True:
+                idx = torch.randperm(pool_n, generator=perm_gen, device=device)[:b]
+                yield pool.index_select(0, idx), None
+    else:
+        from swav.data.datasets import build_dataset
+        from swav.data.loader import EpochLoader
+
+        dataset = build_dataset(data, "train", in_chans=cfg.model.in_chans, root=cfg.data.root,
+                                download=cfg.data.download, subset=cfg.data.subset, min_size=cfg.data.min_size,
+                                max_side=cfg.data.max_side)
+        loader = EpochLoader(dataset, gb, seed=cfg.train.seed, epoch=0, rank=rank, world_size=world,
+                             workers=cfg.data.workers, pin_memory=device.type == "cuda")
+        data_desc = f"{data} ({len(dataset)} images, {cfg.data.workers} workers)"
+
+        def batches():
+            epoch = 0
+            while True:
+                loader.set_epoch(epoch)
+                for batch in loader:
+                    yield (batch.images.to(device, non_blocking=True),
+                           batch.sizes.to(device, non_blocking=True))
+                epoch += 1
+
+    # ---- model, optimizer, queue: as the trainer builds them ---------------------------
+    torch.manual_seed(cfg.train.seed)
+    multicrop = build_multicrop(cfg).to(device)
+    model = build_model(cfg)
+    if world > 1 and cfg.model.sync_bn:
+        model = dist_utils.convert_sync_batchnorm(model, device.type)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model
+    flops = count_model_flops(raw_model, cfg.model.in_chans, a.size_crops, a.nmb_crops, b, device)
+    optimizer = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
+                                cfg.optim.momentum, cfg.optim.lars_eta, cfg.optim.exclude_bias_and_bn)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    queue = None
+    q_local = cfg.swav.queue_length // world if cfg.swav.queue_length > 0 else 0
+    if q_local > 0:  # in use from the first step: its cost is part of the step being measured
+        queue = FeatureQueue(len(cfg.swav.crops_for_assign), q_local, cfg.model.feat_dim, device=device)
+        queue.buffer.normal_()
+        queue.in_use = True
+    schedule = cosine_schedule(cfg.optim.lr, cfg.optim.final_lr, 1, warmup + 2 * steps + 1, 0.0, 0.0)
+    protos = raw_model.prototypes
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    pin = device.type == "cuda"
+
+    # ---- the device's limit, before the steps -------------------------------------------
+    mm_dtypes = {"fp32": torch.float32}
+    if precision in ("bf16", "fp16"):
+        mm_dtypes[precision] = torch.bfloat16 if precision == "bf16" else torch.float16
+    log(f"matrix-product rate ({', '.join(mm_dtypes)}) ...")
+    mm_before = {k: matmul_rate(device, dt, matmul_n) for k, dt in mm_dtypes.items()}
+    cpu_clock = device.type == "cpu"
+    if cpu_clock:
+        mm_cpu = {k: matmul_rate(device, dt, matmul_n, clock=time.process_time) for k, dt in mm_dtypes.items()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    source = batches()
+    step_i = 0
+
+    def one_step(ph: _Phases):
+        nonlocal step_i
+        ph.start()
+        images, sizes = next(source)
+        ph.mark("data")
+        # augmentation parameters of the whole global batch from a CPU generator, this rank's slice
+        params = slice_params(multicrop.sample_params(gb, gen), rank * b, (rank + 1) * b)
+        if len(images) != b:
+            params = {k: v[: len(images)] for k, v in params.items()}
+        if pin:
+            params = {k: v.pin_memory() for k, v in params.items()}
+        params = {k: v.to(device, non_blocking=True) for k, v in params.items()}
+        crops = multicrop(images, sizes, params)
+        ph.mark("augment")
+        set_lr(optimizer, float(schedule[step_i]))
+        protos.normalize_()
+        ph.mark("optimizer")
+        with _autocast(device, precision):
+            z, scores = model(crops)
+        ph.mark("forward")
+        weights = protos.weights() if protos.multi else protos.weight
+        bl = images.shape[0]
+        codes, _ = compute_codes(scores, z.detach().float(), weights, cfg.swav.crops_for_assign, bl,
+                                 epsilon=cfg.swav.epsilon, iterations=cfg.swav.sinkhorn_iterations, queue=queue)
+        ph.mark("sinkhorn")
+        heads = list(scores) if isinstance(scores, (list, tuple)) else [scores]
+        losses = [swapped_prediction_loss(s, c, cfg.swav.crops_for_assign, cfg.swav.temperature)
+                  for s, c in zip(heads, codes)]
+        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+        ph.mark("loss")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        ph.mark("backward")
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        ph.mark("optimizer")
+        step_i += 1
+        return bl
+
+    log(f"{warmup} warm-up step(s) ...")
+    for _ in range(warmup):
+        one_step(_Phases(device))
+    dist_utils.barrier()
+    log(f"{steps} timed step(s) ...")
+    step_times, phase_acc, n_images = [], dict.fromkeys(PHASES, 0.0), 0
+    cpu0 = time.process_time()
+    for _ in range(steps):
+        ph = _Phases(device)
+        t0 = time.perf_counter()
+        n_images += one_step(ph)
+        step_times.append(time.perf_counter() - t0)
+        for k, v in ph.acc.items():
+            phase_acc[k] += v
+    cpu_per_step = (time.process_time() - cpu0) / steps
+    total = sum(step_times)
+    ips_phased = n_images * world / total
+    ips = ips_phased
+    if free_run:
+        log(f"{steps} free-running step(s) ...")
+        dist_utils.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one_step(_Phases(device, enabled=False))
+        _sync(device)
+        ips = steps * b * world / (time.perf_counter() - t0)
+    peak_mib, mem_kind = _peak_memory(device)
+    mm_after = {k: matmul_rate(device, dt, matmul_n) for k, dt in mm_dtypes.items()}
+    mm = {k: max(mm_before[k], mm_after[k]) for k in mm_dtypes}
+
+    step_s = n_images / (ips / world) / steps  # mean seconds per step behind the images/s figure
+    achieved = flops["train_flops"] / step_s  # FLOP/s of this process
+    model_s = (phase_acc["forward"] + phase_acc["backward"]) / steps
+    phases_ms = {k: 1e3 * v / steps for k, v in phase_acc.items()}
+    res = {
+        "preset": cfg.preset, "device": str(device), "device_name": _device_name(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": world,
+        "precision": precision, "channels_last": bool(cfg.train.channels_last), "compile": bool(cfg.train.compile),
+        "arch": cfg.model.arch, "width_per_group": cfg.model.width_per_group,
+        "batch_size": gb, "batch_per_process": b,
+        "crops": "+".join(f"{n}x{s}" for n, s in zip(a.nmb_crops, a.size_crops)),
+        "nmb_prototypes": cfg.model.nmb_prototypes, "queue_length": cfg.swav.queue_length,
+        "data": data_desc, "steps": steps, "warmup": warmup,
+        "images_per_s": ips, "images_per_s_phased": ips_phased, "free_run": free_run,
+        "step_ms": 1e3 * step_s,
+        "step_ms_phased": {"min": 1e3 * min(step_times), "median": 1e3 * statistics.median(step_times),
+                           "max": 1e3 * max(step_times)},
+        "phases_ms": phases_ms,
+        "phase_fraction": {k: v / total for k, v in phase_acc.items()},
+        "peak_memory_mib": peak_mib, "memory_kind": mem_kind,
+        "forward_gflop_per_step": flops["forward_flops"] / 1e9,
+        "model_gflop_per_step": flops["train_flops"] / 1e9,
+        "forward_mflop_per_crop": {str(k): v / 1e6 for k, v in flops["per_image"].items()},
+        "achieved_tflops": achieved / 1e12,
+        "matmul_n": matmul_n or (8192 if device.type == "cuda" else 2048),
+        "matmul_tflops": {k: v / 1e12 for k, v in mm.items()},
+        "matmul_tflops_before_after": {k: [mm_before[k] / 1e12, mm_after[k] / 1e12] for k in mm},
+        "fraction_of_fp32_matmul": achieved / mm["fp32"],
+        "fraction_of_matmul_same_dtype": achieved / mm[precision if precision in mm else "fp32"],
+        "model_phases_fraction_of_fp32_matmul": flops["train_flops"] / max(model_s, 1e-12) / mm["fp32"],
+    }
+    if cpu_clock:
+        mm_cpu = {k: max(v, matmul_rate(device, mm_dtypes[k], matmul_n, clock=time.process_time))
+                  for k, v in mm_cpu.items()}
+        res["cpu_ms_per_step"] = 1e3 * cpu_per_step
+        res["matmul_tflops_cpu_time"] = {k: v / 1e12 for k, v in mm_cpu.items()}
+        res["fraction_of_fp32_matmul_cpu_time"] = flops["train_flops"] / cpu_per_step / mm_cpu["fp32"]
+    return res
+
+
+def format_report(r: dict) -> str:
+    """A human-readable summary of a :func:`run_benchmark` result."""
+    ph = r["phases_ms"]
+    frac = r["phase_fraction"]
+    lines = [
+        f"swav bench | {r['preset'] or 'custom'} | {r['device']} ({r['device_name']}), {r['threads']} threads, "
+        f"{r['world_size']} process(es) | torch {r['torch']}",
+        f"  {r['arch']} w{r['width_per_group']}, crops {r['crops']}, K {r['nmb_prototypes']}, queue "
+        f"{r['queue_length']}, batch {r['batch_size']} ({r['batch_per_process']}/process), {r['precision']}"
+        f"{', channels_last' if r['channels_last'] else ''}{', compiled' if r['compile'] else ''}",
+        f"  data: {r['data']}; {r['steps']} timed steps after {r['warmup']} warm-up",
+        f"  images/s        {r['images_per_s']:10.1f}" + (
+            f"   (phase-synchronised steps: {r['images_per_s_phased']:.1f})" if r["free_run"] else ""),
+        f"  step            {r['step_ms']:10.1f} ms   (synchronised steps min/median/max "
+        f"{r['step_ms_phased']['min']:.1f} / {r['step_ms_phased']['median']:.1f} / {r['step_ms_phased']['max']:.1f})",
+    ]
+    names = {"data": "decode/load", "augment": "augmentation", "forward": "forward", "sinkhorn": "Sinkhorn",
+             "loss": "loss", "backward": "backward", "optimizer": "optimizer"}
+    for k in PHASES:
+        lines.append(f"    {names[k]:14s}{ph[k]:10.1f} ms  {100 * frac[k]:5.1f} %")
+    mm = r["matmul_tflops"]
+    lines += [
+        f"  peak memory     {r['peak_memory_mib']:10.0f} MiB ({r['memory_kind']})",
+        f"  model arithmetic {r['model_gflop_per_step']:9.1f} GFLOP/step (forward {r['forward_gflop_per_step']:.1f}; "
+        "per crop " + ", ".join(f"{s} px {v:.1f} MFLOP" for s, v in r["forward_mflop_per_crop"].items()) + ")",
+        f"  achieved        {1e3 * r['achieved_tflops']:10.1f} GFLOP/s per process",
+        f"  matmul {r['matmul_n']}^2     " + ", ".join(f"{k} {1e3 * v:.1f} GFLOP/s" for k, v in mm.items()),
+        f"  fraction of the fp32 matmul rate: whole step {100 * r['fraction_of_fp32_matmul']:.1f} %, "
+        f"forward+backward alone {100 * r['model_phases_fraction_of_fp32_matmul']:.1f} %",
+    ]
+    if "fraction_of_fp32_matmul_cpu_time" in r:
+        lines.append(f"  in CPU time of this process: step {r['cpu_ms_per_step']:.1f} ms, "
+                     f"{100 * r['fraction_of_fp32_matmul_cpu_time']:.1f} % of the fp32 matmul rate per CPU-second "
+                     f"({1e3 * r['matmul_tflops_cpu_time']['fp32']:.1f} GFLOP/CPU-s)")
+    if r["precision"] != "fp32":
+        lines.append(f"  fraction of the {r['precision']} matmul rate: whole step "
+                     f"{100 * r['fraction_of_matmul_same_dtype']:.1f} %")
+    return "\n".join(lines)

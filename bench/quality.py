@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -120,7 +121,8 @@ def main(argv=None):
     variants = []
     for v in args.variant or ["base:"]:
         name, _, rest = v.partition(":")
-        variants.append((name, [s for s in rest.split(",") if s]))
+        # split on the commas that start a new KEY=, not on those inside [0.5,0.2]
+        variants.append((name, [s for s in re.split(r",(?=[A-Za-z_.]+=)", rest) if s]))
     rows = []
     for name, settings in variants:
         row = run_variant(name, settings, args)

@@ -77,9 +77,7 @@ def _cmd_pretrain(args) -> int:
         print(f"swav: --resume given but {cfg.out}/checkpoint.pt does not exist", file=sys.stderr)
         return 2
     result = train(cfg, max_steps=args.max_steps)
-    from swav import distributed as dist_utils
-
-    if not dist_utils.is_main():
+    if not result.is_main:
         return 0
     if not args.no_report and not result.stopped_by_signal:
         import logging

@@ -54,6 +54,7 @@ class RunResult:
     seconds: float
     knn: dict | None = None  # {"learned": {...}, "init": {...}} when train.final_knn
     stopped_by_signal: bool = False
+    is_main: bool = True  # this process is rank 0 (prints and writes the report)
 
 
 def build_model(cfg: Config) -> SwAVModel:
@@ -233,6 +234,15 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
         raise ConfigError(f"train.device = {cfg.train.device!r} but no CUDA GPU is visible; use --device cpu")
     if env.is_distributed and not dist_utils.is_dist():
         env = dist_utils.init_distributed(device_type)
+        try:  # the group this call created is destroyed on the way out, whatever happens:
+            # a gloo group left to the interpreter's exit can abort the process (SIGABRT)
+            return _train_in_group(cfg, env, max_steps, t_start, warnings)
+        finally:
+            dist_utils.cleanup()
+    return _train_in_group(cfg, env, max_steps, t_start, warnings)
+
+
+def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, warnings: list[str]) -> RunResult:
     rank, world = env.rank, env.world_size
     device = pick_device(cfg.train.device, env)
     out = Path(cfg.out)
@@ -553,4 +563,5 @@ def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
                       **{f"init_{k}": v for k, v in init.items() if isinstance(v, float)})
     metrics.close()
     dist_utils.barrier()
-    return RunResult(out, epochs, step, last_loss, time.time() - t_start, knn, stopped_by_signal)
+    return RunResult(out, epochs, step, last_loss, time.time() - t_start, knn, stopped_by_signal,
+                     is_main=dist_utils.is_main())

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from swav.config import Config
+from swav.trainer import build_multicrop  # noqa: F401  (re-exported: the step's pieces)
 
 __all__ = ["run_benchmark", "count_model_flops", "count_flops", "matmul_rate", "build_multicrop",
            "synthetic_images", "PHASES", "format_report"]
@@ -176,17 +177,6 @@ def matmul_rate(device, dtype=torch.float32, n: int | None = None, min_time: flo
 # --------------------------------------------------------------------------------------------
 # the step's pieces, built as the trainer builds them
 # --------------------------------------------------------------------------------------------
-def build_multicrop(cfg: Config):
-    """The configured :class:`~swav.data.multicrop.MultiCrop` (on CPU)."""
-    from swav.data.multicrop import MultiCrop
-
-    a = cfg.augment
-    return MultiCrop(a.size_crops, a.nmb_crops, a.min_scale_crops, a.max_scale_crops, a.flip_prob,
-                     a.jitter_strength, a.jitter_prob, a.grayscale_prob, a.blur_prob, tuple(a.blur_sigma),
-                     tuple(a.mean), tuple(a.std), in_chans=cfg.model.in_chans,
-                     channels_last=cfg.train.channels_last)
-
-
 def synthetic_images(n: int, chans: int, height: int, width: int, device="cpu", seed: int = 0) -> torch.Tensor:
     """``n`` smooth-ish random uint8 images ``(n, chans, height, width)`` (blobs plus noise, so
     crops are not constant), made on ``device``."""

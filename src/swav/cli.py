@@ -127,11 +127,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    from swav.checkpoint import CheckpointError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"swav: invalid configuration:\n{e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"swav: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"swav: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("swav: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130

@@ -67,7 +67,8 @@ def setup_logging(out_dir: Path | str | None, rank: int) -> logging.Logger:
     if rank == 0 and out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(out / "log.txt", mode="a", encoding="utf-8"))
+        handlers.append(logging.FileHandler(out / "log.txt", mode="a", encoding="utf-8",
+                                              errors="backslashreplace"))
     for h in handlers:
         h.setFormatter(fmt)
         h._swav_handler = True  # type: ignore[attr-defined]

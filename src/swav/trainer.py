@@ -65,6 +65,15 @@ def build_model(cfg: Config) -> SwAVModel:
     return SwAVModel(backbone, hidden_mlp=m.hidden_mlp, feat_dim=m.feat_dim, nmb_prototypes=m.nmb_prototypes)
 
 
+def build_multicrop(cfg: Config) -> MultiCrop:
+    """The configured multi-crop augmentation (on CPU; move it with ``.to(device)``)."""
+    a = cfg.augment
+    return MultiCrop(a.size_crops, a.nmb_crops, a.min_scale_crops, a.max_scale_crops, a.flip_prob,
+                     a.jitter_strength, a.jitter_prob, a.grayscale_prob, a.blur_prob, tuple(a.blur_sigma),
+                     tuple(a.mean), tuple(a.std), in_chans=cfg.model.in_chans,
+                     channels_last=cfg.train.channels_last)
+
+
 def pick_device(spec: str, env: dist_utils.DistEnv) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
@@ -291,11 +300,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
                               f"data.source: {e}; for unlabelled images set train.final_knn=false and "
                               "train.knn_every=0") from None
     spe = loader.steps_per_epoch
-    a = cfg.augment
-    multicrop = MultiCrop(a.size_crops, a.nmb_crops, a.min_scale_crops, a.max_scale_crops, a.flip_prob,
-                          a.jitter_strength, a.jitter_prob, a.grayscale_prob, a.blur_prob, tuple(a.blur_sigma),
-                          tuple(a.mean), tuple(a.std), in_chans=cfg.model.in_chans,
-                          channels_last=cfg.train.channels_last).to(device)
+    multicrop = build_multicrop(cfg).to(device)
 
     # ---- model, optimizer, queue -----------------------------------------------------
     torch.manual_seed(cfg.train.seed)
@@ -354,7 +359,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
     logger.info("swav %s | %s | %d process(es) on %s (%s) | %s: %d images, %d steps/epoch of %d (per process %d) "
                 "| %s %.1fM parameters | crops %s", __version__, socket.gethostname(), world, device,
                 precision, cfg.data.source, len(dataset), spe, gb, b, cfg.model.arch, n_params / 1e6,
-                " + ".join(f"{n}x{s}" for n, s in zip(a.nmb_crops, a.size_crops)))
+                " + ".join(f"{n}x{s}" for n, s in zip(cfg.augment.nmb_crops, cfg.augment.size_crops)))
 
     step = start_step
     last_loss = float("nan")

@@ -63,3 +63,27 @@ def test_batch_longer_than_queue_is_an_error():
     q = FeatureQueue(1, 2, 3)
     with pytest.raises(ValueError, match="shorter than the batch"):
         q.push_and_score(0, torch.zeros(4, 5), torch.zeros(4, 3), torch.zeros(5, 3))
+
+
+def test_scores_are_queue_then_batch_every_call():
+    """The (L + B, K) score matrix is a reused buffer: each call must hold exactly this call's
+    [z_queue C^T ; batch scores], for every crop and head, with nothing left from the last call."""
+    g = torch.Generator().manual_seed(1)
+    q = FeatureQueue(2, 8, 3)
+    q.buffer.copy_(torch.randn(2, 8, 3, generator=g))
+    q.in_use = True
+    for step in range(3):
+        protos = [torch.randn(5, 3, generator=g), torch.randn(4, 3, generator=g)]
+        for i in range(2):
+            z = torch.randn(2, 3, generator=g)
+            batch = [torch.randn(2, 5, generator=g).bfloat16(), torch.randn(2, 4, generator=g)]
+            old = q.buffer[i].clone()
+            got = q.push_and_score(i, batch, z, protos)
+            for s, c, out in zip(batch, protos, got):
+                assert out.dtype == torch.float32
+                assert torch.allclose(out, torch.cat((old @ c.t(), s.float())), atol=1e-6)
+            assert torch.equal(q.buffer[i, :2], z)  # newest first
+            if i == 0:
+                if step == 0:
+                    first = got[0].data_ptr()
+                assert got[0].data_ptr() == first  # crop 0, head 0 reuses one matrix

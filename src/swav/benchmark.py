@@ -357,7 +357,8 @@ def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
     q_local = cfg.swav.queue_length // world if cfg.swav.queue_length > 0 else 0
     if q_local > 0:  # in use from the first step: its cost is part of the step being measured
         queue = FeatureQueue(len(cfg.swav.crops_for_assign), q_local, cfg.model.feat_dim, device=device)
-        queue.buffer.normal_()
+        # a full queue of unit vectors, as in training (embeddings z are L2-normalised)
+        queue.buffer.copy_(torch.nn.functional.normalize(torch.randn_like(queue.buffer), dim=-1))
         queue.in_use = True
     schedule = cosine_schedule(cfg.optim.lr, cfg.optim.final_lr, 1, warmup + 2 * steps + 1, 0.0, 0.0)
     protos = raw_model.prototypes

@@ -34,6 +34,9 @@ class FeatureQueue:
             raise ValueError(f"FeatureQueue needs n_assign, length, dim >= 1, got {n_assign}, {length}, {dim}")
         self.buffer = torch.zeros(n_assign, length, dim, device=device, dtype=dtype)
         self.in_use = False
+        # (crop i, head h) -> reused (L + B, K) float32 score matrix: on a CPU a fresh 50 MB
+        # allocation per call costs as much as Sinkhorn itself (page faults), a cat a copy more
+        self._scores: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def length(self) -> int:
@@ -60,8 +63,10 @@ class FeatureQueue:
             prototypes: (K, D) prototype matrix C (a list for several heads).
 
         Returns:
-            (L + B, K) = [z_queue C^T ; batch scores] when the queue is in use, else the batch
-            scores unchanged (a list for several heads).
+            (L + B, K) float32 = [z_queue C^T ; batch scores] when the queue is in use, else the
+            batch scores unchanged (a list for several heads). The matrix is this queue's buffer
+            for crop i (and head h): the next call for the same crop overwrites it, so consume it
+            (Sinkhorn) before then, or clone it.
         """
         several = isinstance(batch_scores, (list, tuple))
         scores_list = list(batch_scores) if several else [batch_scores]
@@ -72,7 +77,17 @@ class FeatureQueue:
         if self.in_use or self.is_full(i):
             self.in_use = True
             queue_i = self.buffer[i].float()  # scores of old embeddings with the current prototypes
-            scores_list = [torch.cat((queue_i @ c.detach().float().t(), s.float())) for s, c in zip(scores_list, protos)]
+            out = []
+            with torch.autocast(queue_i.device.type, enabled=False):  # float32 products, written in place
+                for h, (s, c) in enumerate(zip(scores_list, protos)):
+                    shape = (self.length + b, c.shape[0])
+                    full = self._scores.get((i, h))
+                    if full is None or full.shape != shape or full.device != queue_i.device:
+                        full = self._scores[(i, h)] = torch.empty(shape, dtype=torch.float32, device=queue_i.device)
+                    torch.mm(queue_i, c.detach().float().t(), out=full[:self.length])
+                    full[self.length:].copy_(s)
+                    out.append(full)
+            scores_list = out
         # shift down by B (oldest rows fall off), newest at the front
         self.buffer[i, b:] = self.buffer[i, :-b].clone()
         self.buffer[i, :b] = embedding.detach().to(self.buffer.dtype)

@@ -170,3 +170,25 @@ def test_nan_steps_are_skipped_then_training_stops_with_advice(tmp_path, fake_fm
     assert poisoned_state["optimizer"]["state"].keys() == clean_state["optimizer"]["state"].keys()
     lines = [json.loads(line) for line in open(tmp_path / "poisoned" / "metrics.jsonl")]
     assert max(r["nonfinite_steps"] for r in lines) >= 2
+
+
+def test_fp16_loss_scale_overflows_are_not_bad_steps(tmp_path, fake_fmnist, monkeypatch):
+    """fp16 with a loss scale far too high: the first steps' gradients overflow. GradScaler skips
+    those updates and halves the scale (as apex does); the NaN guard must not count them, or a run
+    would stop with "non-finite" after nan_patience of them."""
+    import functools
+
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch < 2.3 has no CPU GradScaler")
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 20))
+    cfg = smoke(tmp_path / "fp16", fake_fmnist, "train.precision=fp16", "train.nan_patience=2")
+    result = train(cfg)
+    assert result.global_step == 16
+    state = load_run_state(tmp_path / "fp16" / "checkpoint.pt")
+    assert state["scaler"]["scale"] < 2.0 ** 20 / 4  # at least three overflows happened and were halved away
+    lines = [json.loads(line) for line in open(tmp_path / "fp16" / "metrics.jsonl")]
+    assert max(r["nonfinite_steps"] for r in lines) == 0
+    torch.manual_seed(cfg.train.seed)
+    init = __import__("swav.trainer", fromlist=["build_model"]).build_model(cfg).state_dict()
+    moved = [k for k in init if init[k].is_floating_point() and not torch.equal(init[k], state["model"][k])]
+    assert "backbone.conv1.weight" in moved  # the steps after the overflows did update the network

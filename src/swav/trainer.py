@@ -256,8 +256,9 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
     device = pick_device(cfg.train.device, env)
     out = Path(cfg.out)
     precision = resolve_precision(cfg.train.precision, device)
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(["train.precision = fp16 needs a CUDA GPU (loss scaling); use bf16 on CPU"])
+    if precision == "fp16" and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+        raise ConfigError([f"train.precision = fp16 off a CUDA GPU needs torch >= 2.3 (a CPU GradScaler; this is "
+                           f"{torch.__version__}); use bf16 or fp32"])
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".checkpoint*.pt.tmp*"):  # left by a process killed mid-write
@@ -312,7 +313,9 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
                                 cfg.optim.momentum, cfg.optim.lars_eta, cfg.optim.exclude_bias_and_bn)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    scaler = None
+    if precision == "fp16":  # loss scaling; torch < 2.3 has only the CUDA one
+        scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
     epochs = cfg.train.epochs
     start_step = 0
     queue = None
@@ -461,7 +464,12 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
                     guard_loss = guard_loss + torch.where(flags[0] > 0, float("nan"), 0.0)
                 else:
                     guard_loss = guard_loss + torch.where(buffers_ok, 0.0, float("nan"))
-                if nan_guard.check(guard_loss, raw_model):
+                # fp16 loss scaling: non-finite gradients under a finite loss are an overflow of the
+                # scale, which GradScaler handles (scaler.step skips the update, update() halves the
+                # scale), as apex does: not a bad step. Only once the scale is below 1 do non-finite
+                # gradients mean the gradients themselves overflow.
+                grads_to_check = () if scaler is not None and scaler.get_scale() >= 1.0 else raw_model
+                if nan_guard.check(guard_loss, grads_to_check):
                     if scaler is not None:
                         scaler.step(optimizer)
                     else:

@@ -277,9 +277,9 @@ def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
     from swav import distributed as dist_utils
     from swav.data.multicrop import slice_params
     from swav.loss import compute_codes, swapped_prediction_loss
-    from swav.optim import build_optimizer, cosine_schedule, set_lr
+    from swav.optim import cosine_schedule, set_lr
     from swav.queue import FeatureQueue
-    from swav.trainer import build_model, pick_device, resolve_precision
+    from swav.trainer import build_training_state, pick_device, resolve_precision
 
     log = log or (lambda s: None)
     if steps < 1:
@@ -292,8 +292,9 @@ def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
     rank, world = env.rank, env.world_size
     device = pick_device(cfg.train.device, env)
     precision = resolve_precision(cfg.train.precision, device)
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
+    if precision == "fp16" and device.type != "cuda":  # no fp16 matmul units: one 2048^2 product takes ~40 s
+        raise ValueError("swav bench: precision fp16 is only timed on a CUDA GPU (a CPU computes fp16 in software); "
+                         "use bf16 on CPU")
     gb = cfg.train.batch_size
     if gb % world:
         raise ValueError(f"global batch {gb} is not divisible by {world} processes")
@@ -334,19 +335,10 @@ def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
                 epoch += 1
 
     # ---- model, optimizer, queue: as the trainer builds them ---------------------------
-    torch.manual_seed(cfg.train.seed)
     multicrop = build_multicrop(cfg).to(device)
-    model = build_model(cfg)
-    if world > 1 and cfg.model.sync_bn:
-        model = dist_utils.convert_sync_batchnorm(model, device.type)
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, optimizer, scaler = build_training_state(cfg, device, world, precision)
     raw_model = model
     flops = count_model_flops(raw_model, cfg.model.in_chans, a.size_crops, a.nmb_crops, b, device)
-    optimizer = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
-                                cfg.optim.momentum, cfg.optim.lars_eta, cfg.optim.exclude_bias_and_bn)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,

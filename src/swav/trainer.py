@@ -74,6 +74,32 @@ def build_multicrop(cfg: Config) -> MultiCrop:
                      channels_last=cfg.train.channels_last)
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """Raise ConfigError when ``precision`` (resolved) cannot run on ``device``."""
+    if precision == "fp16" and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+        raise ConfigError([f"train.precision = fp16 off a CUDA GPU needs torch >= 2.3 (a CPU GradScaler; this is "
+                           f"{torch.__version__}); use bf16 or fp32"])
+
+
+def build_training_state(cfg: Config, device: torch.device, world: int, precision: str):
+    """``(model, optimizer, scaler)`` of a run, seeded: the model on ``device`` (SyncBatchNorm
+    over ``world`` > 1 processes, channels_last as configured), the configured optimizer, and a
+    GradScaler for fp16 (else None)."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    if world > 1 and cfg.model.sync_bn:
+        model = dist_utils.convert_sync_batchnorm(model, device.type)
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
+                                cfg.optim.momentum, cfg.optim.lars_eta, cfg.optim.exclude_bias_and_bn)
+    scaler = None
+    if precision == "fp16":  # loss scaling; torch < 2.3 has only the CUDA one
+        scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
+    return model, optimizer, scaler
+
+
 def pick_device(spec: str, env: dist_utils.DistEnv) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
@@ -256,9 +282,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
     device = pick_device(cfg.train.device, env)
     out = Path(cfg.out)
     precision = resolve_precision(cfg.train.precision, device)
-    if precision == "fp16" and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
-        raise ConfigError([f"train.precision = fp16 off a CUDA GPU needs torch >= 2.3 (a CPU GradScaler; this is "
-                           f"{torch.__version__}); use bf16 or fp32"])
+    check_precision(precision, device)
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".checkpoint*.pt.tmp*"):  # left by a process killed mid-write
@@ -304,18 +328,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
     multicrop = build_multicrop(cfg).to(device)
 
     # ---- model, optimizer, queue -----------------------------------------------------
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg)
-    if world > 1 and cfg.model.sync_bn:
-        model = dist_utils.convert_sync_batchnorm(model, device.type)
-    model = model.to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
-                                cfg.optim.momentum, cfg.optim.lars_eta, cfg.optim.exclude_bias_and_bn)
-    scaler = None
-    if precision == "fp16":  # loss scaling; torch < 2.3 has only the CUDA one
-        scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
+    model, optimizer, scaler = build_training_state(cfg, device, world, precision)
     epochs = cfg.train.epochs
     start_step = 0
     queue = None

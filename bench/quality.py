@@ -8,7 +8,7 @@
 Each variant is a list of ``key=value`` settings (comma-separated) on top of the preset and the
 ``--set`` options; variants run one after another (never in parallel: they would share the CPU),
 each with the same budget (``train.time_budget_minutes``: the trainer times its first steps and
-fits the number of epochs to the budget). After training it reports the trainer's own final kNN
+fits the number of steps to the budget). After training it reports the trainer's own final kNN
 (weighted k=20 on the test split, the learned backbone next to the same backbone at
 initialisation) and, unless ``--no-linear``, a linear probe: a linear classifier trained on frozen,
 standardised pooled features of the train split (full-batch L-BFGS with a little weight decay),

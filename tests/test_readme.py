@@ -123,6 +123,35 @@ def test_presets_table_lists_every_preset():
     assert sorted(names) == sorted(PRESETS)
 
 
+def test_presets_table_states_the_presets_values():
+    """The README's presets table and docs/guide/presets.md say what the presets set: crops,
+    global batch, prototypes, queue and optimiser/lr (a retuned preset must update its docs)."""
+    from swav.config import make_config
+
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("## Presets"):text.index("## Troubleshooting")]
+    guide = (REPO / "docs" / "guide" / "presets.md").read_text(encoding="utf-8")
+    wrong = []
+    for row in re.findall(r"^\| `([\w-]+)`.*$", table, re.M):
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| `{row}`"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        cfg = make_config(row)
+        crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.augment.nmb_crops, cfg.augment.size_crops))
+        queue = "none" if cfg.swav.queue_length == 0 else f"{cfg.swav.queue_length} from epoch {cfg.swav.epoch_queue_starts}"
+        expected = {3: crops, 4: str(cfg.train.batch_size), 5: str(cfg.model.nmb_prototypes), 6: queue,
+                    7: f"{cfg.optim.optimizer.upper()} {cfg.optim.lr:g}"}
+        for col, value in expected.items():
+            if cells[col] != value:
+                wrong.append(f"README presets table, {row}: column {col} says {cells[col]!r}, the preset {value!r}")
+        gline = next((ln for ln in guide.splitlines() if ln.startswith(f"| `{row}`")), "")
+        if not gline:
+            wrong.append(f"docs/guide/presets.md has no row for {row}")
+        for value in (crops, f"batch {cfg.train.batch_size}", f"{cfg.optim.optimizer.upper()} {cfg.optim.lr:g}"):
+            if gline and value not in gline:
+                wrong.append(f"docs/guide/presets.md, {row}: does not say {value!r}")
+    assert not wrong, "\n".join(wrong)
+
+
 DOCS = [README, *sorted((REPO / "docs").rglob("*.md"))]
 
 

@@ -192,3 +192,53 @@ def test_fp16_loss_scale_overflows_are_not_bad_steps(tmp_path, fake_fmnist, monk
     init = __import__("swav.trainer", fromlist=["build_model"]).build_model(cfg).state_dict()
     moved = [k for k in init if init[k].is_floating_point() and not torch.equal(init[k], state["model"][k])]
     assert "backbone.conv1.weight" in moved  # the steps after the overflows did update the network
+
+
+def test_time_budget_fits_steps_not_whole_epochs(tmp_path, fake_fmnist, monkeypatch):
+    """A budget worth 1.625 epochs trains 13 steps of 8 (not 1 epoch, which would leave the rest of
+    the budget unused): the cosine schedule ends at final_lr on step 13, the cut-short second epoch
+    is kept as checkpoint-epoch2.pt, and a run killed inside that epoch resumes to the same weights."""
+    import swav.trainer as trainer_mod
+
+    fitted = []
+
+    def fit(cfg, seconds_per_step, steps_per_epoch):
+        fitted.append((seconds_per_step, steps_per_epoch))
+        return 13  # as if the budget held 13 steps at the measured speed
+
+    monkeypatch.setattr(trainer_mod, "_fit_steps_to_budget", fit)
+    budget = ("train.epochs=4", "train.time_budget_minutes=5", "train.log_every=1", "optim.final_lr=0.0123")
+    ref = tmp_path / "ref"
+    res = train(smoke(ref, fake_fmnist, *budget))
+    assert fitted and fitted[0][1] == 8 and fitted[0][0] > 0
+    assert res.global_step == 13 and res.epochs == 2
+    state = load_run_state(ref / "checkpoint.pt")
+    assert state["total_steps"] == 13 and state["global_step"] == 13 and state["epochs"] == 2
+    assert (ref / "checkpoint-epoch2.pt").exists() and not (ref / "checkpoint-epoch3.pt").exists()
+    rows = [json.loads(r) for r in open(ref / "metrics.jsonl")]
+    lrs = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    # after the fit (at step 10) the official cosine over T = 13 steps (smoke: no warmup, lr 0.3):
+    # step s used t = s - 1, so the last step is one cosine step above final_lr, not 16 steps' worth
+    import math
+    cosine = [0.0123 + 0.5 * (0.3 - 0.0123) * (1 + math.cos(math.pi * t / 13)) for t in range(13)]
+    assert sorted(lrs) == list(range(1, 14))
+    assert [lrs[s] for s in (11, 12, 13)] == pytest.approx(cosine[10:])
+    assert "training 2 epoch(s) (13 steps, 1.62 epochs)" in (ref / "log.txt").read_text()
+
+    # killed inside the cut-short epoch, then resumed: the same 13 steps and the same weights
+    cut = tmp_path / "cut"
+    first = train(smoke(cut, fake_fmnist, *budget), max_steps=11)
+    assert first.global_step == 11
+    again = train(smoke(cut, fake_fmnist, *budget))
+    assert again.global_step == 13
+    assert_same_weights(final_weights(cut), final_weights(ref))
+    assert len(fitted) == 2  # the resumed run keeps the fitted length, it does not refit
+
+
+def test_fit_steps_to_budget_bounds():
+    from swav.trainer import _fit_steps_to_budget
+
+    cfg = make_config("smoke", overrides=["train.epochs=5", "train.time_budget_minutes=1"])
+    assert _fit_steps_to_budget(cfg, 0.5, 8) == 40  # 120 steps fit, capped at 5 epochs of 8
+    assert _fit_steps_to_budget(cfg, 2.0, 8) == 30  # 60 s / 2 s: a cut-short 4th epoch
+    assert _fit_steps_to_budget(cfg, 60.0, 8) == 8  # at least one whole epoch

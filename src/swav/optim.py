@@ -204,7 +204,7 @@ def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float =
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def cosine_schedule(base_lr: float, final_lr: float, epochs: int, steps_per_epoch: int,
+def cosine_schedule(base_lr: float, final_lr: float, epochs: float, steps_per_epoch: int,
                     warmup_epochs: float = 0, start_warmup: float = 0.0) -> np.ndarray:
     """One learning rate per optimisation step (the official SwAV schedule).
 
@@ -214,15 +214,15 @@ def cosine_schedule(base_lr: float, final_lr: float, epochs: int, steps_per_epoc
         lr[0:W]   = linspace(start_warmup, base_lr, W)                      (both ends included)
         lr[W + t] = final_lr + 0.5 * (base_lr - final_lr) * (1 + cos(pi * t / T)),  t = 0..T-1
 
-    ``warmup_epochs`` may be fractional.  Returns a float64 array of length
-    ``epochs * steps_per_epoch``.
+    ``warmup_epochs`` may be fractional, and so may ``epochs`` (a time budget that cuts the last
+    epoch short).  Returns a float64 array of length ``round(epochs * steps_per_epoch)``.
     """
     if epochs < 0 or steps_per_epoch < 1:
         raise ValueError(f"cosine_schedule: need epochs >= 0 and steps_per_epoch >= 1, "
                          f"got epochs={epochs}, steps_per_epoch={steps_per_epoch}")
     if warmup_epochs < 0:
         raise ValueError(f"cosine_schedule: warmup_epochs must be >= 0, got {warmup_epochs}")
-    total = int(epochs) * int(steps_per_epoch)
+    total = int(round(epochs * steps_per_epoch))
     warmup = int(round(warmup_epochs * steps_per_epoch))
     if warmup > total:
         raise ValueError(

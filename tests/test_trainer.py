@@ -133,10 +133,10 @@ def test_invalid_config_is_rejected_before_training(tmp_path, fake_fmnist):
 
 
 def test_nan_steps_are_skipped_then_training_stops_with_advice(tmp_path, fake_fmnist, monkeypatch):
-    import swav.trainer as trainer_mod
+    import swav.step as step_mod
     from swav.monitor import NonFiniteError
 
-    real = trainer_mod.swav_loss
+    real = step_mod.swav_objective
     calls = {"n": 0}
     before = {}
 
@@ -147,13 +147,13 @@ def test_nan_steps_are_skipped_then_training_stops_with_advice(tmp_path, fake_fm
             return loss * float("nan"), full
         return loss, full
 
-    monkeypatch.setattr(trainer_mod, "swav_loss", poisoned)
+    monkeypatch.setattr(step_mod, "swav_objective", poisoned)
     cfg = smoke(tmp_path / "poisoned", fake_fmnist, "train.nan_patience=3", "train.save_every_steps=1")
     with pytest.raises(NonFiniteError) as err:
         train(cfg)
     assert "learning rate" in str(err.value).lower()
     # the skipped steps never reached the weights: they equal a clean run stopped after 2 steps
-    monkeypatch.setattr(trainer_mod, "swav_loss", real)
+    monkeypatch.setattr(step_mod, "swav_objective", real)
     train(smoke(tmp_path / "clean", fake_fmnist, "train.nan_patience=3", "train.save_every_steps=1"), max_steps=2)
     poisoned_state = load_run_state(tmp_path / "poisoned" / "checkpoint.pt")
     clean_state = load_run_state(tmp_path / "clean" / "checkpoint.pt")
@@ -198,15 +198,15 @@ def test_time_budget_fits_steps_not_whole_epochs(tmp_path, fake_fmnist, monkeypa
     """A budget worth 1.625 epochs trains 13 steps of 8 (not 1 epoch, which would leave the rest of
     the budget unused): the cosine schedule ends at final_lr on step 13, the cut-short second epoch
     is kept as checkpoint-epoch2.pt, and a run killed inside that epoch resumes to the same weights."""
-    import swav.trainer as trainer_mod
+    from swav.plan import StepPlan
 
     fitted = []
 
-    def fit(cfg, seconds_per_step, steps_per_epoch):
-        fitted.append((seconds_per_step, steps_per_epoch))
+    def fit(plan, seconds_per_step):
+        fitted.append((seconds_per_step, plan.steps_per_epoch))
         return 13  # as if the budget held 13 steps at the measured speed
 
-    monkeypatch.setattr(trainer_mod, "_fit_steps_to_budget", fit)
+    monkeypatch.setattr(StepPlan, "steps_for_budget", fit)
     budget = ("train.epochs=4", "train.time_budget_minutes=5", "train.log_every=1", "optim.final_lr=0.0123")
     ref = tmp_path / "ref"
     res = train(smoke(ref, fake_fmnist, *budget))
@@ -242,9 +242,12 @@ def test_time_budget_fits_steps_not_whole_epochs(tmp_path, fake_fmnist, monkeypa
 
 
 def test_fit_steps_to_budget_bounds():
-    from swav.trainer import _fit_steps_to_budget
+    from swav.plan import StepPlan
 
     cfg = make_config("smoke", overrides=["train.epochs=5", "train.time_budget_minutes=1"])
-    assert _fit_steps_to_budget(cfg, 0.5, 8) == 40  # 120 steps fit, capped at 5 epochs of 8
-    assert _fit_steps_to_budget(cfg, 2.0, 8) == 30  # 60 s / 2 s: a cut-short 4th epoch
-    assert _fit_steps_to_budget(cfg, 60.0, 8) == 8  # at least one whole epoch
+    plan = StepPlan.start(cfg, 8)
+    assert plan.steps_for_budget(0.5) == 40  # 120 steps fit, capped at 5 epochs of 8
+    assert plan.steps_for_budget(2.0) == 30  # 60 s / 2 s: a cut-short 4th epoch
+    assert plan.steps_for_budget(60.0) == 8  # at least one whole epoch
+    plan.fit(2.0)
+    assert (plan.total_steps, plan.epochs, plan.budget_fitted) == (30, 4, True)

@@ -27,10 +27,7 @@ on GPU) and reports global images/s from rank 0.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -40,17 +37,13 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from swav.build import build_multicrop
 from swav.config import Config
-from swav.trainer import build_multicrop  # noqa: F401  (re-exported: the step's pieces)
+from swav.device import synchronize as _sync
+from swav.step import PHASES
 
 __all__ = ["run_benchmark", "count_model_flops", "count_flops", "matmul_rate", "build_multicrop",
            "synthetic_images", "PHASES", "format_report"]
-
-PHASES = ("data", "augment", "forward", "sinkhorn", "loss", "backward", "optimizer")
-
-# (channels, height, width) of the built-in sources' images
-_BUILTIN_SHAPES = {"fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
-                   "stl10": (3, 96, 96)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,11 +135,6 @@ def count_model_flops(model: nn.Module, in_chans: int, size_crops, nmb_crops, ba
 # --------------------------------------------------------------------------------------------
 # the device's own limit
 # --------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_rate(device, dtype=torch.float32, n: int | None = None, min_time: float = 0.5,
                 max_reps: int = 50, clock: Callable[[], float] = time.perf_counter) -> float:
     """FLOP/s of an ``n x n`` by ``n x n`` matrix product in ``dtype`` on ``device`` (best of
@@ -188,22 +176,17 @@ def synthetic_images(n: int, chans: int, height: int, width: int, device="cpu", 
 
 
 def _image_shape(cfg: Config, image_size: int | None) -> tuple[int, int, int]:
-    src = str(cfg.data.source).lower()
+    from swav.data import builtin
+
     c = cfg.model.in_chans
     if image_size:
         return c, image_size, image_size
-    if src in _BUILTIN_SHAPES:
-        _, h, w = _BUILTIN_SHAPES[src]
+    info = builtin.BUILTINS.get(builtin.canonical_name(str(cfg.data.source)) or "")
+    if info is not None:
+        _, h, w = info.shape
         return c, h, w
     side = int(round(max(cfg.augment.size_crops) / 0.875))  # 256 for 224-px crops
     return c, side, side
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _peak_memory(device: torch.device) -> tuple[float, str]:
@@ -211,40 +194,6 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda max_memory_allocated"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10), "process peak RSS"
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} logical CPUs"
-
-
-class _Phases:
-    """Adds the time since the previous mark to a phase, synchronising the device first."""
-
-    def __init__(self, device: torch.device, enabled: bool = True):
-        self.device, self.enabled = device, enabled
-        self.t = time.perf_counter()
-        self.acc = dict.fromkeys(PHASES, 0.0)
-
-    def start(self):
-        if self.enabled:
-            _sync(self.device)
-        self.t = time.perf_counter()
-
-    def mark(self, phase: str):
-        if not self.enabled:
-            return
-        _sync(self.device)
-        now = time.perf_counter()
-        self.acc[phase] += now - self.t
-        self.t = now
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +208,8 @@ def run_benchmark(cfg: Config, *, steps: int = 10, warmup: int = 3, data: str | 
     ``compile`` and ``batch_size`` (global) are honoured; ``data`` (a source as ``data.source``)
     switches from synthetic in-memory images to the real loader. ``free_run`` (default: on GPU
     only) adds ``steps`` unsynchronised steps for the images/s figure. ``threads`` sets torch's
-    CPU threads for the run (restored afterwards).
+    CPU threads for the run (restored afterwards). The config is validated as ``swav pretrain``
+    validates it (ConfigError).
 
     On CPU it also reports the step in CPU time of this process (``cpu_ms_per_step``) and the
     fraction of the matmul rate in CPU time (``fraction_of_fp32_matmul_cpu_time``): with one
@@ -268,223 +218,210 @@ def run_benchmark(cfg: Config, *, steps: int = 10, warmup: int = 3, data: str | 
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log)
+        return _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log or (lambda s: None))
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
-    from swav import distributed as dist_utils
-    from swav.data.multicrop import slice_params
-    from swav.loss import compute_codes, swapped_prediction_loss
-    from swav.optim import cosine_schedule, set_lr
-    from swav.queue import FeatureQueue
-    from swav.trainer import build_training_state, pick_device, resolve_precision
-
-    log = log or (lambda s: None)
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    env = dist_utils.read_env()
-    device_type = "cuda" if (cfg.train.device.startswith("cuda") or
-                             (cfg.train.device == "auto" and torch.cuda.is_available())) else "cpu"
-    if env.is_distributed and not dist_utils.is_dist():
-        env = dist_utils.init_distributed(device_type)
-    rank, world = env.rank, env.world_size
-    device = pick_device(cfg.train.device, env)
-    precision = resolve_precision(cfg.train.precision, device)
-    if precision == "fp16" and device.type != "cuda":  # no fp16 matmul units: one 2048^2 product takes ~40 s
-        raise ValueError("swav bench: precision fp16 is only timed on a CUDA GPU (a CPU computes fp16 in software); "
-                         "use bf16 on CPU")
-    gb = cfg.train.batch_size
-    if gb % world:
-        raise ValueError(f"global batch {gb} is not divisible by {world} processes")
-    b = gb // world
-    free_run = device.type == "cuda" if free_run is None else bool(free_run)
-    a = cfg.augment
-
-    # ---- data ------------------------------------------------------------------------
+def _batch_source(cfg: Config, data: str | None, image_size: int | None, device, rank: int, world: int):
+    """(endless iterator of (images, sizes) of this rank, description): synthetic images in memory on
+    the device, or batches of the training loader over ``data``."""
+    b = cfg.train.batch_size // world
     if data is None:
         c, h, w = _image_shape(cfg, image_size)
         pool_n = max(2 * b, 512 if h * w <= 64 * 64 else 2 * b)
         pool = synthetic_images(pool_n, c, h, w, device=device, seed=rank)
-        data_desc = f"synthetic uint8 {c}x{h}x{w} on {device.type}"
         perm_gen = torch.Generator(device=device).manual_seed(1 + rank)
 
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        def synthetic() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
             while True:
                 idx = torch.randperm(pool_n, generator=perm_gen, device=device)[:b]
                 yield pool.index_select(0, idx), None
-    else:
-        from swav.data.datasets import build_dataset
-        from swav.data.loader import EpochLoader
 
-        dataset = build_dataset(data, "train", in_chans=cfg.model.in_chans, root=cfg.data.root,
-                                download=cfg.data.download, subset=cfg.data.subset, min_size=cfg.data.min_size,
-                                max_side=cfg.data.max_side)
-        loader = EpochLoader(dataset, gb, seed=cfg.train.seed, epoch=0, rank=rank, world_size=world,
-                             workers=cfg.data.workers, pin_memory=device.type == "cuda")
-        data_desc = f"{data} ({len(dataset)} images, {cfg.data.workers} workers)"
+        return synthetic(), f"synthetic uint8 {c}x{h}x{w} on {device.type}"
+    from swav.data.datasets import build_dataset
+    from swav.data.loader import EpochLoader
 
-        def batches():
-            epoch = 0
-            while True:
-                loader.set_epoch(epoch)
-                for batch in loader:
-                    yield (batch.images.to(device, non_blocking=True),
-                           batch.sizes.to(device, non_blocking=True))
-                epoch += 1
+    dataset = build_dataset(data, "train", in_chans=cfg.model.in_chans, root=cfg.data.root,
+                            download=cfg.data.download, subset=cfg.data.subset, min_size=cfg.data.min_size,
+                            max_side=cfg.data.max_side)
+    loader = EpochLoader(dataset, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, rank=rank, world_size=world,
+                         workers=cfg.data.workers, pin_memory=device.type == "cuda")
 
-    # ---- model, optimizer, queue: as the trainer builds them ---------------------------
-    multicrop = build_multicrop(cfg).to(device)
+    def real():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            for batch in loader:
+                yield batch.images.to(device, non_blocking=True), batch.sizes.to(device, non_blocking=True)
+            epoch += 1
+
+    return real(), f"{data} ({len(dataset)} images, {cfg.data.workers} workers)"
+
+
+def _learner(cfg: Config, device, world: int, precision: str):
+    """The learner as the trainer builds it, with a full queue of unit vectors when the config has
+    one (in use from the first step: its cost is part of the step measured)."""
+    from swav.build import build_training_state, wrap_for_training
+    from swav.monitor import NaNGuard
+    from swav.queue import FeatureQueue
+    from swav.step import Learner
+
     model, optimizer, scaler = build_training_state(cfg, device, world, precision)
-    raw_model = model
-    flops = count_model_flops(raw_model, cfg.model.in_chans, a.size_crops, a.nmb_crops, b, device)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    queue = None
+    learner = Learner(model, model, optimizer, scaler, build_multicrop(cfg).to(device), device, precision, world,
+                      cfg.swav, NaNGuard(cfg.train.nan_patience))
     q_local = cfg.swav.queue_length // world if cfg.swav.queue_length > 0 else 0
-    if q_local > 0:  # in use from the first step: its cost is part of the step being measured
-        queue = FeatureQueue(len(cfg.swav.crops_for_assign), q_local, cfg.model.feat_dim, device=device)
-        # a full queue of unit vectors, as in training (embeddings z are L2-normalised)
-        queue.buffer.copy_(torch.nn.functional.normalize(torch.randn_like(queue.buffer), dim=-1))
-        queue.in_use = True
-    schedule = cosine_schedule(cfg.optim.lr, cfg.optim.final_lr, 1, warmup + 2 * steps + 1, 0.0, 0.0)
-    protos = raw_model.prototypes
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    pin = device.type == "cuda"
+    if q_local > 0:
+        learner.queue = FeatureQueue(len(cfg.swav.crops_for_assign), q_local, cfg.model.feat_dim, device=device)
+        learner.queue.buffer.copy_(torch.nn.functional.normalize(torch.randn_like(learner.queue.buffer), dim=-1))
+        learner.queue.in_use = True
+    return learner, wrap_for_training
 
-    # ---- the device's limit, before the steps -------------------------------------------
+
+def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
+    from swav import distributed as dist_utils
+    from swav.config import ConfigError, validate
+    from swav.device import device_type_of, pick_device, resolve_precision
+
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    env = dist_utils.read_env()
+    validate(cfg, world_size=env.world_size)
+    device_type = device_type_of(cfg.train.device)
+    if env.is_distributed and not dist_utils.is_dist():
+        env = dist_utils.init_distributed(device_type)
+    rank, world = env.rank, env.world_size
+    device = pick_device(cfg.train.device, env.local_rank if env.is_distributed else None)
+    precision = resolve_precision(cfg.train.precision, device)
+    if precision == "fp16" and device.type != "cuda":  # no fp16 matmul units: one 2048^2 product takes ~40 s
+        raise ConfigError("swav bench: precision fp16 is only timed on a CUDA GPU (a CPU computes fp16 in "
+                          "software); use bf16 on CPU")
+    free_run = device.type == "cuda" if free_run is None else bool(free_run)
+    source, data_desc = _batch_source(cfg, data, image_size, device, rank, world)
+    learner, wrap = _learner(cfg, device, world, precision)
+    a, b = cfg.augment, cfg.train.batch_size // world
+    flops = count_model_flops(learner.raw_model, cfg.model.in_chans, a.size_crops, a.nmb_crops, b, device)
+    learner.model = wrap(learner.raw_model, device, world, cfg.train.compile)
     mm_dtypes = {"fp32": torch.float32}
     if precision in ("bf16", "fp16"):
         mm_dtypes[precision] = torch.bfloat16 if precision == "bf16" else torch.float16
     log(f"matrix-product rate ({', '.join(mm_dtypes)}) ...")
-    mm_before = {k: matmul_rate(device, dt, matmul_n) for k, dt in mm_dtypes.items()}
-    cpu_clock = device.type == "cpu"
-    if cpu_clock:
-        mm_cpu = {k: matmul_rate(device, dt, matmul_n, clock=time.process_time) for k, dt in mm_dtypes.items()}
+    mm = {"before": {k: matmul_rate(device, dt, matmul_n) for k, dt in mm_dtypes.items()}}
+    if device.type == "cpu":
+        mm["cpu"] = {k: matmul_rate(device, dt, matmul_n, clock=time.process_time) for k, dt in mm_dtypes.items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    one_step = _step_runner(cfg, learner, source, warmup + 2 * steps + 1, rank, world)
+    timing = _time_steps(one_step, device, steps, warmup, free_run, world, log, dist_utils.barrier)
+    mm["after"] = {k: matmul_rate(device, dt, matmul_n) for k, dt in mm_dtypes.items()}
+    if device.type == "cpu":
+        mm["cpu"] = {k: max(v, matmul_rate(device, mm_dtypes[k], matmul_n, clock=time.process_time))
+                     for k, v in mm["cpu"].items()}
+    return _results(cfg, device, precision, world, b, data_desc, steps, warmup, flops, timing, mm, matmul_n)
 
-    source = batches()
-    step_i = 0
 
-    def one_step(ph: _Phases):
-        nonlocal step_i
-        ph.start()
+def _step_runner(cfg: Config, learner, source, n_lr: int, rank: int, world: int):
+    """``one_step(clock) -> images``: the next batch, its augmentation parameters (a CPU generator
+    for the whole global batch, this rank's slice), then ``swav.step.train_step``."""
+    from swav import step as swav_step
+    from swav.data.multicrop import slice_params
+    from swav.optim import cosine_schedule
+
+    gb, b = cfg.train.batch_size, cfg.train.batch_size // world
+    schedule = cosine_schedule(cfg.optim.lr, cfg.optim.final_lr, 1, n_lr, 0.0, 0.0)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    pin, device, counter = learner.device.type == "cuda", learner.device, [0]
+
+    def one_step(clock) -> int:
+        clock.start()
         images, sizes = next(source)
-        ph.mark("data")
-        # augmentation parameters of the whole global batch from a CPU generator, this rank's slice
-        params = slice_params(multicrop.sample_params(gb, gen), rank * b, (rank + 1) * b)
+        clock.mark("data")
+        params = slice_params(learner.multicrop.sample_params(gb, gen), rank * b, (rank + 1) * b)
         if len(images) != b:
             params = {k: v[: len(images)] for k, v in params.items()}
         if pin:
             params = {k: v.pin_memory() for k, v in params.items()}
         params = {k: v.to(device, non_blocking=True) for k, v in params.items()}
-        crops = multicrop(images, sizes, params)
-        ph.mark("augment")
-        set_lr(optimizer, float(schedule[step_i]))
-        protos.normalize_()
-        ph.mark("optimizer")
-        with _autocast(device, precision):
-            z, scores = model(crops)
-        ph.mark("forward")
-        weights = protos.weights() if protos.multi else protos.weight
-        bl = images.shape[0]
-        codes, _ = compute_codes(scores, z.detach().float(), weights, cfg.swav.crops_for_assign, bl,
-                                 epsilon=cfg.swav.epsilon, iterations=cfg.swav.sinkhorn_iterations, queue=queue)
-        ph.mark("sinkhorn")
-        heads = list(scores) if isinstance(scores, (list, tuple)) else [scores]
-        losses = [swapped_prediction_loss(s, c, cfg.swav.crops_for_assign, cfg.swav.temperature)
-                  for s, c in zip(heads, codes)]
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-        ph.mark("loss")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        ph.mark("backward")
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        ph.mark("optimizer")
-        step_i += 1
-        return bl
+        out = swav_step.train_step(learner, images, sizes, params, float(schedule[counter[0]]), clock=clock)
+        counter[0] += 1
+        return out.batch_size
+
+    return one_step
+
+
+def _time_steps(one_step, device, steps: int, warmup: int, free_run: bool, world: int, log, barrier) -> dict:
+    """Warm-up steps, phase-synchronised timed steps, and (``free_run``) unsynchronised ones."""
+    from swav.step import PHASES, PhaseClock, PhaseTimer
 
     log(f"{warmup} warm-up step(s) ...")
     for _ in range(warmup):
-        one_step(_Phases(device))
-    dist_utils.barrier()
+        one_step(PhaseTimer(device))
+    barrier()
     log(f"{steps} timed step(s) ...")
     step_times, phase_acc, n_images = [], dict.fromkeys(PHASES, 0.0), 0
     cpu0 = time.process_time()
     for _ in range(steps):
-        ph = _Phases(device)
+        ph = PhaseTimer(device)
         t0 = time.perf_counter()
         n_images += one_step(ph)
         step_times.append(time.perf_counter() - t0)
         for k, v in ph.acc.items():
             phase_acc[k] += v
     cpu_per_step = (time.process_time() - cpu0) / steps
-    total = sum(step_times)
-    ips_phased = n_images * world / total
+    ips_phased = n_images * world / sum(step_times)
     ips = ips_phased
     if free_run:
         log(f"{steps} free-running step(s) ...")
-        dist_utils.barrier()
+        barrier()
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(steps):
-            one_step(_Phases(device, enabled=False))
+        per_step = [one_step(PhaseClock()) for _ in range(steps)]
         _sync(device)
-        ips = steps * b * world / (time.perf_counter() - t0)
-    peak_mib, mem_kind = _peak_memory(device)
-    mm_after = {k: matmul_rate(device, dt, matmul_n) for k, dt in mm_dtypes.items()}
-    mm = {k: max(mm_before[k], mm_after[k]) for k in mm_dtypes}
+        ips = sum(per_step) * world / (time.perf_counter() - t0)
+    return {"step_times": step_times, "phase_acc": phase_acc, "n_images": n_images, "ips": ips,
+            "ips_phased": ips_phased, "cpu_per_step": cpu_per_step, "free_run": free_run}
 
-    step_s = n_images / (ips / world) / steps  # mean seconds per step behind the images/s figure
+
+def _results(cfg, device, precision, world, b, data_desc, steps, warmup, flops, t, mm_all, matmul_n) -> dict:
+    """The benchmark's result dict (see the module docstring)."""
+    from swav.device import device_name
+
+    mm = {k: max(mm_all["before"][k], mm_all["after"][k]) for k in mm_all["before"]}
+    a, total = cfg.augment, sum(t["step_times"])
+    step_s = t["n_images"] / (t["ips"] / world) / steps  # mean seconds per step behind the images/s figure
     achieved = flops["train_flops"] / step_s  # FLOP/s of this process
-    model_s = (phase_acc["forward"] + phase_acc["backward"]) / steps
-    phases_ms = {k: 1e3 * v / steps for k, v in phase_acc.items()}
+    model_s = (t["phase_acc"]["forward"] + t["phase_acc"]["backward"]) / steps
     res = {
-        "preset": cfg.preset, "device": str(device), "device_name": _device_name(device),
+        "preset": cfg.preset, "device": str(device), "device_name": device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": world,
         "precision": precision, "channels_last": bool(cfg.train.channels_last), "compile": bool(cfg.train.compile),
         "arch": cfg.model.arch, "width_per_group": cfg.model.width_per_group,
-        "batch_size": gb, "batch_per_process": b,
+        "batch_size": cfg.train.batch_size, "batch_per_process": b,
         "crops": "+".join(f"{n}x{s}" for n, s in zip(a.nmb_crops, a.size_crops)),
         "nmb_prototypes": cfg.model.nmb_prototypes, "queue_length": cfg.swav.queue_length,
         "data": data_desc, "steps": steps, "warmup": warmup,
-        "images_per_s": ips, "images_per_s_phased": ips_phased, "free_run": free_run,
+        "images_per_s": t["ips"], "images_per_s_phased": t["ips_phased"], "free_run": t["free_run"],
         "step_ms": 1e3 * step_s,
-        "step_ms_phased": {"min": 1e3 * min(step_times), "median": 1e3 * statistics.median(step_times),
-                           "max": 1e3 * max(step_times)},
-        "phases_ms": phases_ms,
-        "phase_fraction": {k: v / total for k, v in phase_acc.items()},
-        "peak_memory_mib": peak_mib, "memory_kind": mem_kind,
+        "step_ms_phased": {"min": 1e3 * min(t["step_times"]), "median": 1e3 * statistics.median(t["step_times"]),
+                           "max": 1e3 * max(t["step_times"])},
+        "phases_ms": {k: 1e3 * v / steps for k, v in t["phase_acc"].items()},
+        "phase_fraction": {k: v / total for k, v in t["phase_acc"].items()},
         "forward_gflop_per_step": flops["forward_flops"] / 1e9,
         "model_gflop_per_step": flops["train_flops"] / 1e9,
         "forward_mflop_per_crop": {str(k): v / 1e6 for k, v in flops["per_image"].items()},
         "achieved_tflops": achieved / 1e12,
         "matmul_n": matmul_n or (8192 if device.type == "cuda" else 2048),
         "matmul_tflops": {k: v / 1e12 for k, v in mm.items()},
-        "matmul_tflops_before_after": {k: [mm_before[k] / 1e12, mm_after[k] / 1e12] for k in mm},
+        "matmul_tflops_before_after": {k: [mm_all["before"][k] / 1e12, mm_all["after"][k] / 1e12] for k in mm},
         "fraction_of_fp32_matmul": achieved / mm["fp32"],
         "fraction_of_matmul_same_dtype": achieved / mm[precision if precision in mm else "fp32"],
         "model_phases_fraction_of_fp32_matmul": flops["train_flops"] / max(model_s, 1e-12) / mm["fp32"],
     }
-    if cpu_clock:
-        mm_cpu = {k: max(v, matmul_rate(device, mm_dtypes[k], matmul_n, clock=time.process_time))
-                  for k, v in mm_cpu.items()}
-        res["cpu_ms_per_step"] = 1e3 * cpu_per_step
-        res["matmul_tflops_cpu_time"] = {k: v / 1e12 for k, v in mm_cpu.items()}
-        res["fraction_of_fp32_matmul_cpu_time"] = flops["train_flops"] / cpu_per_step / mm_cpu["fp32"]
+    res["peak_memory_mib"], res["memory_kind"] = _peak_memory(device)
+    if "cpu" in mm_all:
+        res["cpu_ms_per_step"] = 1e3 * t["cpu_per_step"]
+        res["matmul_tflops_cpu_time"] = {k: v / 1e12 for k, v in mm_all["cpu"].items()}
+        res["fraction_of_fp32_matmul_cpu_time"] = flops["train_flops"] / t["cpu_per_step"] / mm_all["cpu"]["fp32"]
     return res
 
 

@@ -19,6 +19,8 @@ from typing import Mapping
 
 import torch
 
+from swav.atomic import fsync_dir
+
 from swav.models import SwAVModel, resnet_kwargs_from_state_dict
 from swav.models.resnet import ResNet
 
@@ -183,15 +185,7 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
         reason = err.strerror or str(err)
         raise OSError(err.errno, f"could not write checkpoint {path} ({reason}); the previous "
                                  f"checkpoint there, if any, is intact") from e
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def link_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -209,7 +203,7 @@ def link_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def _unpickling_refusal(path: Path, e: Exception) -> CheckpointError:

@@ -74,8 +74,7 @@ def _cmd_pretrain(args) -> int:
     if args.out is None and not any(s.startswith("out=") for s in args.set) and cfg.out == "runs/swav":
         cfg.out = f"runs/{args.preset}"
     if args.resume and not (Path(cfg.out) / "checkpoint.pt").exists():
-        print(f"swav: --resume given but {cfg.out}/checkpoint.pt does not exist", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--resume given but {cfg.out}/checkpoint.pt does not exist")
     result = train(cfg, max_steps=args.max_steps)
     if not result.is_main:
         return 0
@@ -110,9 +109,10 @@ def _cmd_presets(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    from swav.commands import COMMAND_MODULES
+    from swav.commands import COMMAND_MODULES, EXIT_CODES_HELP
 
-    parser = argparse.ArgumentParser(prog="swav", description="SwAV self-supervised pretraining of vision backbones.")
+    parser = argparse.ArgumentParser(prog="swav", description="SwAV self-supervised pretraining of vision backbones.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_CODES_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _pretrain_parser(sub).set_defaults(func=_cmd_pretrain)
     sub.add_parser("presets", help="list the named recipes").set_defaults(func=_cmd_presets)
@@ -122,27 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; the exit code follows swav.commands.EXIT_CODES."""
+    from swav.commands import EXIT_USAGE, run
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad flags: argparse prints the usage and exits 2
     if getattr(args, "func", None) is None:
         parser.print_help()
-        return 2
-    from swav.checkpoint import CheckpointError
-
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"swav: invalid configuration:\n{e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"swav: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"swav: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("swav: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+        return EXIT_USAGE
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from swav.queue import FeatureQueue
 from swav.sinkhorn import sinkhorn
 
-__all__ = ["swapped_prediction_loss", "swav_loss", "compute_codes"]
+__all__ = ["swapped_prediction_loss", "prediction_loss", "swav_loss", "compute_codes"]
 
 
 def swapped_prediction_loss(
@@ -130,7 +130,20 @@ def swav_loss(
         scores, embedding, prototypes, crops_for_assign, batch_size,
         epsilon=epsilon, iterations=iterations, queue=queue, group=group,
     )
+    return prediction_loss(scores, codes, crops_for_assign, temperature), full
+
+
+def prediction_loss(
+    scores: torch.Tensor | list[torch.Tensor],
+    codes: list[list[torch.Tensor]],
+    crops_for_assign: Sequence[int],
+    temperature: float = 0.1,
+) -> torch.Tensor:
+    """The swapped prediction loss averaged over prototype heads.
+
+    Args: ``scores`` as in ``compute_codes`` (a list for several heads); ``codes[h][i]`` the (B, K)
+    code of assignment crop i for head h (``compute_codes``'s first output).
+    """
     heads = list(scores) if isinstance(scores, (list, tuple)) else [scores]
     losses = [swapped_prediction_loss(s, c, crops_for_assign, temperature) for s, c in zip(heads, codes)]
-    loss = losses[0] if len(losses) == 1 else torch.stack(losses).mean()
-    return loss, full
+    return losses[0] if len(losses) == 1 else torch.stack(losses).mean()

@@ -93,6 +93,20 @@ class FeatureQueue:
         self.buffer[i, :b] = embedding.detach().to(self.buffer.dtype)
         return scores_list if several else scores_list[0]
 
+    # --- undoing a step ------------------------------------------------------------------
+    def snapshot(self, rows: int) -> tuple[torch.Tensor, bool]:
+        """What a push of ``rows`` embeddings overwrites: the ``rows`` oldest rows of every queue
+        and the in-use flag. ``restore`` puts them back (a skipped, non-finite step is undone)."""
+        return self.buffer[:, -rows:].clone(), self.in_use
+
+    def restore(self, snap: tuple[torch.Tensor, bool]) -> None:
+        """Undo the push that followed ``snapshot``: shift back up, put the oldest rows back."""
+        tail, in_use = snap
+        n = tail.shape[1]
+        self.buffer[:, :-n] = self.buffer[:, n:].clone()
+        self.buffer[:, -n:] = tail
+        self.in_use = in_use
+
     # --- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """This rank's state (use ``global_state_dict`` in a distributed run)."""

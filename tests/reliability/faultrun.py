@@ -32,7 +32,7 @@ import builtins  # noqa: E402
 
 import swav.checkpoint as ckpt_mod  # noqa: E402
 import swav.data.datasets as ds_mod  # noqa: E402
-import swav.trainer as trainer_mod  # noqa: E402
+import swav.runstate as runstate_mod  # noqa: E402
 
 
 def die():
@@ -116,8 +116,8 @@ def counted_link(src, dst):
 
 
 os.replace = faulty_replace
-trainer_mod.save_atomic = counted_save
-trainer_mod.link_atomic = counted_link
+runstate_mod.save_atomic = counted_save
+runstate_mod.link_atomic = counted_link
 
 if __name__ == "__main__":
     from swav.cli import main

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-import swav.trainer as trainer_mod
+import swav.build as build_mod
 from swav.checkpoint import load_run_state
 from swav.config import make_config
 from swav.data.multicrop import MultiCrop
@@ -51,7 +51,7 @@ def _poison_crops(monkeypatch):
 def _hooked_model(monkeypatch, module_name, hook):
     """Apply ``hook`` to ``module_name`` at its first call of training step POISONED_STEP (the
     model runs each crop resolution separately, so a module runs several times per step)."""
-    real = trainer_mod.build_model
+    real = build_mod.build_model
 
     def build(cfg):
         model = real(cfg)
@@ -71,7 +71,7 @@ def _hooked_model(monkeypatch, module_name, hook):
         model.get_submodule(module_name).register_forward_hook(poison)
         return model
 
-    monkeypatch.setattr(trainer_mod, "build_model", build)
+    monkeypatch.setattr(build_mod, "build_model", build)
 
 
 def _inf_activation(mod, out):

@@ -142,12 +142,13 @@ def test_diagnostics_name_what_went_wrong(tmp_path):
     from swav.config import make_config
     from swav.report import _diagnostics
     from swav.report.runinfo import RunFacts
+    from swav.runrecord import RunRecord
 
     # Pinned here (not taken from the preset, whose schedule is tuned over time).
     cfg = make_config("fashion-mnist", overrides=["optim.warmup_epochs=1",
                                                   "swav.freeze_prototypes_epochs=1"])
     facts = RunFacts(run_dir=tmp_path, checkpoint={"epochs": 1, "global_step": 10},
-                     log={"steps_per_epoch": 10},
+                     record=RunRecord(steps_per_epoch=10),
                      metrics=[{"step": s, "loss": 4.6} for s in range(1, 11)]
                      + [{"step": 10, "final_knn_top1@20": 70.0, "init_knn_top1@20": 78.0}])
     text = " ".join(_diagnostics(facts, cfg))

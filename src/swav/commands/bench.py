@@ -55,11 +55,16 @@ def _cmd_bench(args) -> int:
     flags = {k: getattr(args, k) for k in ("train.batch_size", "train.precision", "train.device")}
     cfg = make_config(args.preset, config_file=args.config, overrides=args.set, **flags)
     log = None if args.json else (lambda s: print(s, file=sys.stderr, flush=True))
-    res = run_benchmark(cfg, steps=args.steps, warmup=args.warmup, data=args.data, image_size=args.image_size,
-                        matmul_n=args.matmul_size, threads=args.threads, log=log)
     from swav import distributed as dist_utils
 
-    if dist_utils.is_main():
-        print(json.dumps(res) if args.json else format_report(res), flush=True)
-    dist_utils.cleanup()
+    # errors become exit codes in swav.commands.run (bad settings 2, a failed run 1); the process
+    # group (under torchrun) is destroyed on the way out either way: left to the interpreter's exit,
+    # a gloo group can abort the process instead
+    try:
+        res = run_benchmark(cfg, steps=args.steps, warmup=args.warmup, data=args.data, image_size=args.image_size,
+                            matmul_n=args.matmul_size, threads=args.threads, log=log)
+        if dist_utils.is_main():
+            print(json.dumps(res) if args.json else format_report(res), flush=True)
+    finally:
+        dist_utils.cleanup()
     return 0

@@ -8,7 +8,6 @@ import argparse
 import functools
 import json
 import logging
-import os
 import shlex
 import sys
 
@@ -44,9 +43,10 @@ def _command_line(args) -> str:
     return shlex.join(parts)
 
 
-def _handles_errors(func):
-    """Print expected failures (bad files, bad data, bad options) as one line and exit 2;
-    SWAV_DEBUG=1 shows the traceback instead."""
+def _with_logging(func):
+    """Set up the console log (warnings only with --json or --quiet) before running the command.
+    What the command raises is turned into an exit code and a one-line message by
+    ``swav.commands.run`` (the policy of every command: swav.commands.EXIT_CODES)."""
 
     @functools.wraps(func)
     def wrapper(args) -> int:
@@ -55,13 +55,7 @@ def _handles_errors(func):
         logger = setup_logging(None, 0)
         if getattr(args, "json", False) or getattr(args, "quiet", False):
             logger.setLevel(logging.WARNING)
-        try:
-            return func(args)
-        except (ValueError, OSError, RuntimeError) as e:
-            if os.environ.get("SWAV_DEBUG"):
-                raise
-            print(f"swav {' '.join(args._words)}: error: {e}", file=sys.stderr)
-            return 2
+        return func(args)
 
     return wrapper
 
@@ -104,7 +98,7 @@ def _options(args):
 
 
 def _report(args, name: str, record: dict, path) -> int:
-    from swav.eval.common import format_table
+    from swav.eval.results import format_table
     from swav.eval.runner import UNITS
 
     title = f"swav eval {name.replace('-', ' (', 1) + ')' if '-' in name else name} | {record['dataset']} | " \
@@ -134,7 +128,7 @@ def _positive(kind):
 # eval sub-commands
 # --------------------------------------------------------------------------------------
 
-@_handles_errors
+@_with_logging
 def _cmd_knn(args) -> int:
     from swav.eval.runner import knn_task, run_evaluation
 
@@ -143,7 +137,7 @@ def _cmd_knn(args) -> int:
     return _report(args, "knn", record, path)
 
 
-@_handles_errors
+@_with_logging
 def _cmd_linear(args) -> int:
     from swav.eval.runner import linear_task, run_evaluation
 
@@ -153,18 +147,18 @@ def _cmd_linear(args) -> int:
     return _report(args, "linear", record, path)
 
 
-@_handles_errors
+@_with_logging
 def _cmd_finetune(args) -> int:
-    from swav.eval.runner import _pct, finetune_task, run_evaluation
+    from swav.eval.runner import percent_label, finetune_task, run_evaluation
 
     task = finetune_task(args.percent, args.subset_file, args.subset_seed, args.epochs, args.lr_trunk, args.lr_head,
                          args.batch_size, args.min_scale, args.seed, args.max_test)
-    name = f"finetune-{_pct(args.percent)}%"
+    name = f"finetune-{percent_label(args.percent)}%"
     record, path = run_evaluation(name.replace("%", "pct"), task, _options(args), _command_line(args))
     return _report(args, name, record, path)
 
 
-@_handles_errors
+@_with_logging
 def _cmd_clusters(args) -> int:
     from swav.eval.runner import clusters_task, run_evaluation
 
@@ -178,7 +172,8 @@ def _cmd_clusters(args) -> int:
 # --------------------------------------------------------------------------------------
 
 def _folder_inputs(args):
-    from swav.eval.common import eval_data_for, files_dataset, resolve_device
+    from swav.device import resolve_device
+    from swav.eval.data import eval_data_for, files_dataset
     from swav.eval.weights import load_weights
 
     loaded = load_weights(args.checkpoint)
@@ -189,16 +184,18 @@ def _folder_inputs(args):
 
 
 def _skip_summary(command: str, n_ok: int, n_skipped: int, total: int) -> int:
+    from swav.commands import EXIT_FAILURE, EXIT_OK
+
     if n_skipped:
         print(f"swav {command}: {n_skipped} of {total} file(s) skipped as unusable (see the warnings above)",
               file=sys.stderr)
     if n_ok == 0:
         print(f"swav {command}: error: none of the {total} file(s) could be used", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILURE  # the folder was read and the work done: every file failed to decode
+    return EXIT_OK
 
 
-@_handles_errors
+@_with_logging
 def _cmd_cluster(args) -> int:
     from swav.eval.embed import cluster_images
 
@@ -210,7 +207,7 @@ def _cmd_cluster(args) -> int:
     return _skip_summary("cluster", res["images"], res["skipped"], len(dataset))
 
 
-@_handles_errors
+@_with_logging
 def _cmd_embed(args) -> int:
     from swav.eval.embed import embed_images
 
@@ -221,7 +218,7 @@ def _cmd_embed(args) -> int:
     return _skip_summary("embed", res["images"], res["skipped"], len(dataset))
 
 
-@_handles_errors
+@_with_logging
 def _cmd_export(args) -> int:
     from swav.eval.weights import export_weights, load_weights
 

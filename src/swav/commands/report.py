@@ -3,18 +3,13 @@ from __future__ import annotations
 
 
 def _cmd_report(args) -> int:
-    import sys
-
     from swav.monitor import setup_logging
     from swav.report import write_report
 
     setup_logging(None, 0)
-    try:
-        path = write_report(args.run_dir, out=args.out, data=args.data, max_images=args.max_images,
-                            map_points=args.map_points, seed=args.seed, device=args.device)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"swav report: {e}", file=sys.stderr)
-        return 2
+    # not a run folder (FileNotFoundError) or a bad option (ValueError): exit 2, by swav.commands.run
+    path = write_report(args.run_dir, out=args.out, data=args.data, max_images=args.max_images,
+                        map_points=args.map_points, seed=args.seed, device=args.device)
     print(f"report: {path}")
     return 0
 

@@ -12,6 +12,12 @@ stl10           ``stl10_binary/{train,test}_{X,y}.bin``, ``unlabeled_X.bin``
                 or the archive ``stl10_binary.tar.gz``
 =============== ========================================================
 
+Everything known about a built-in (aliases, image shape, classes, mean/std,
+splits, files, official downloads and checksums, where to look) is one
+:class:`BuiltinDataset` row of :data:`BUILTINS`; :data:`BUILTIN_NAMES`,
+:data:`BUILTIN_CLASSES`, :data:`SOURCES` and :data:`SYSTEM_DIRS` are derived
+from it.  This module imports only :mod:`swav.data.memory` of the package.
+
 Search order for a data set's folder: ``root`` (and ``root/<name>``),
 ``$SWAV_DATA/<name>``, ``~/.cache/swav/<name>``, then a system location (for
 fashion-mnist the Debian/Ubuntu package ``dataset-fashion-mnist``, which
@@ -39,22 +45,27 @@ import struct
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from swav.data.datasets import TensorImageDataset
+from swav.data.memory import TensorImageDataset
 
 __all__ = [
+    "BUILTINS",
     "BUILTIN_CLASSES",
     "BUILTIN_NAMES",
     "SOURCES",
     "SYSTEM_DIRS",
+    "BuiltinDataset",
     "ChecksumError",
     "DatasetNotFoundError",
     "MalformedDatasetError",
+    "Source",
+    "builtin_spec",
     "canonical_name",
     "download_file",
     "find_builtin_root",
@@ -63,23 +74,92 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BUILTIN_NAMES: tuple[str, ...] = ("fashion-mnist", "cifar10", "cifar100", "stl10")
 
-_ALIASES = {
-    "fashion-mnist": "fashion-mnist",
-    "fashion_mnist": "fashion-mnist",
-    "fashionmnist": "fashion-mnist",
-    "fmnist": "fashion-mnist",
-    "cifar10": "cifar10",
-    "cifar-10": "cifar10",
-    "cifar_10": "cifar10",
-    "cifar100": "cifar100",
-    "cifar-100": "cifar100",
-    "cifar_100": "cifar100",
-    "stl10": "stl10",
-    "stl-10": "stl10",
-    "stl_10": "stl10",
+@dataclass(frozen=True)
+class Source:
+    """One official file: its name, download URLs (tried in order) and MD5."""
+
+    filename: str
+    urls: tuple[str, ...]
+    md5: str
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """The facts of one built-in data set (one row of :data:`BUILTINS`).
+
+    name:             canonical name (what :func:`canonical_name` returns);
+    aliases:          other accepted spellings, lower case (matching ignores case and
+                      surrounding blanks);
+    shape:            ``(channels, height, width)`` of its images;
+    classes:          class names in label order (a class-names file shipped with the data,
+                      ``class_names_file``, replaces them when it names them all);
+    mean, std:        per-channel mean and standard deviation of its pixels, in [0, 1];
+    splits:           the splits :func:`load_builtin` accepts;
+    files:            split -> the files that split needs (for ``format="idx"`` the names
+                      without ``.gz``: both are found);
+    sources:          official downloads, key -> :class:`Source` (``archive``, or
+                      ``<split>-images`` / ``<split>-labels`` for loose idx files);
+    archive_dir:      the folder the archive unpacks to; None: no archive (loose idx files);
+    format:           which reader: ``idx`` (fashion-mnist), ``cifar`` (fixed-size binary
+                      records: ``label_bytes`` label bytes, the last one the label, then the
+                      image), ``stl10`` (column-major images ``<split>_X.bin``, labels 1..N in
+                      ``<split>_y.bin``);
+    system_dirs:      system-wide folders searched last;
+    how_to_get:       the not-found message's hint (``{url}`` = where to download from).
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    shape: tuple[int, int, int]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    splits: tuple[str, ...]
+    files: Mapping[str, tuple[str, ...]]
+    sources: Mapping[str, Source]
+    archive_dir: str | None
+    format: str
+    system_dirs: tuple[str, ...]
+    how_to_get: str
+    class_names_file: str | None = None
+    label_bytes: int = 0
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def download_keys(self, split: str) -> list[str]:
+        """The keys of :attr:`sources` to download for ``split``."""
+        if self.archive_dir is None:
+            return [f"{split}-images", f"{split}-labels"]
+        return ["archive"]
+
+
+_FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+def _idx_sources(url: str, files: Mapping[str, tuple[str, ...]], md5s: Mapping[str, str]) -> dict[str, Source]:
+    """``<split>-images`` / ``<split>-labels`` -> the gzipped idx file ``<name>.gz`` at ``url``."""
+    out = {}
+    for split, (images, labels) in files.items():
+        for kind, base in (("images", images), ("labels", labels)):
+            key = f"{split}-{kind}"
+            out[key] = Source(base + ".gz", (url + base + ".gz",), md5s[key])
+    return out
+
+
+def _archive(url: str, md5: str) -> dict[str, Source]:
+    return {"archive": Source(url.rsplit("/", 1)[1], (url,), md5)}
+
 
 _CIFAR100_FINE = (
     "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly "
@@ -92,83 +172,104 @@ _CIFAR100_FINE = (
     "willow_tree wolf woman worm"
 ).split()
 
-BUILTIN_CLASSES: dict[str, list[str]] = {
-    "fashion-mnist": [
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-    ],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-    "cifar100": list(_CIFAR100_FINE),
-    "stl10": ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"],
+#: The built-in data sets, canonical name -> facts; official files and MD5 checksums are from the
+#: data sets' own pages.  Everything in :mod:`swav.data` about a built-in comes from here.
+BUILTINS: dict[str, BuiltinDataset] = {
+    "fashion-mnist": BuiltinDataset(
+        name="fashion-mnist",
+        aliases=("fashion_mnist", "fashionmnist", "fmnist"),
+        shape=(1, 28, 28),
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        mean=(0.2860,), std=(0.3530,),
+        splits=("train", "test"),
+        files=_FMNIST_FILES,
+        sources=_idx_sources(_FMNIST_URL, _FMNIST_FILES, {
+            "train-images": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels": "25c81989df183df01b3e8a0aad5dffbe",
+            "test-images": "bef4ecab320f06d8554ea6380940ec79",
+            "test-labels": "bb300cfdad3c16e7a12a480ee83cd310",
+        }),
+        archive_dir=None,
+        format="idx",
+        system_dirs=("/usr/share/datasets/fashion-mnist",),  # Debian's dataset-fashion-mnist package
+        how_to_get="install the Debian/Ubuntu package (apt-get install dataset-fashion-mnist), or put "
+        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+        "t10k-labels-idx1-ubyte.gz (from {url}) in $SWAV_DATA/fashion-mnist or ~/.cache/swav/fashion-mnist",
+    ),
+    "cifar10": BuiltinDataset(
+        name="cifar10",
+        aliases=("cifar-10", "cifar_10"),
+        shape=(3, 32, 32),
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        splits=("train", "test"),
+        files={"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
+        sources=_archive("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+                         "c32a1d4ab5d03f1284b67883e8d87530"),
+        archive_dir="cifar-10-batches-bin",
+        format="cifar",
+        label_bytes=1,
+        class_names_file="batches.meta.txt",
+        system_dirs=(),
+        how_to_get="put cifar-10-binary.tar.gz (the BINARY version, {url}) or its extracted cifar-10-batches-bin/ "
+        "in $SWAV_DATA/cifar10 or ~/.cache/swav/cifar10",
+    ),
+    "cifar100": BuiltinDataset(
+        name="cifar100",
+        aliases=("cifar-100", "cifar_100"),
+        shape=(3, 32, 32),
+        classes=tuple(_CIFAR100_FINE),
+        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
+        splits=("train", "test"),
+        files={"train": ("train.bin",), "test": ("test.bin",)},
+        sources=_archive("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+                         "03b5dce01913d631647c71ecec9e9cb8"),
+        archive_dir="cifar-100-binary",
+        format="cifar",
+        label_bytes=2,  # coarse, fine: the fine label is used
+        class_names_file="fine_label_names.txt",
+        system_dirs=(),
+        how_to_get="put cifar-100-binary.tar.gz (the BINARY version, {url}) or its extracted cifar-100-binary/ "
+        "in $SWAV_DATA/cifar100 or ~/.cache/swav/cifar100",
+    ),
+    "stl10": BuiltinDataset(
+        name="stl10",
+        aliases=("stl-10", "stl_10"),
+        shape=(3, 96, 96),
+        classes=("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"),
+        mean=(0.4467, 0.4398, 0.4066), std=(0.2603, 0.2566, 0.2713),
+        splits=("train", "test", "unlabeled"),
+        files={"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin"),
+               "unlabeled": ("unlabeled_X.bin",)},
+        sources=_archive("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+                         "91f7769df0f17e558f3565bffb0c7dfb"),
+        archive_dir="stl10_binary",
+        format="stl10",
+        class_names_file="class_names.txt",
+        system_dirs=(),
+        how_to_get="put stl10_binary.tar.gz ({url}) or its extracted stl10_binary/ in $SWAV_DATA/stl10 or "
+        "~/.cache/swav/stl10",
+    ),
 }
 
-_SPLITS = {
-    "fashion-mnist": ("train", "test"),
-    "cifar10": ("train", "test"),
-    "cifar100": ("train", "test"),
-    "stl10": ("train", "test", "unlabeled"),
-}
+# --------------------------------------------------------------------------- #
+# Derived from BUILTINS
+# --------------------------------------------------------------------------- #
+BUILTIN_NAMES: tuple[str, ...] = tuple(BUILTINS)
 
+_ALIASES: dict[str, str] = {alias: spec.name for spec in BUILTINS.values() for alias in (spec.name, *spec.aliases)}
 
-@dataclass(frozen=True)
-class Source:
-    """One official file: its name, download URLs (tried in order) and MD5."""
+BUILTIN_CLASSES: dict[str, list[str]] = {name: list(spec.classes) for name, spec in BUILTINS.items()}
 
-    filename: str
-    urls: tuple[str, ...]
-    md5: str
+#: Official files and MD5 checksums, name -> key -> :class:`Source` (copies of
+#: ``BUILTINS[name].sources``: this is what searching and downloading read, so a mirror or a
+#: test can replace an entry).
+SOURCES: dict[str, dict[str, Source]] = {name: dict(spec.sources) for name, spec in BUILTINS.items()}
 
-
-_FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-
-#: Official files and MD5 checksums (from the data sets' own pages).
-SOURCES: dict[str, dict[str, Source]] = {
-    "fashion-mnist": {
-        "train-images": Source("train-images-idx3-ubyte.gz", (_FMNIST_URL + "train-images-idx3-ubyte.gz",),
-                               "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-        "train-labels": Source("train-labels-idx1-ubyte.gz", (_FMNIST_URL + "train-labels-idx1-ubyte.gz",),
-                               "25c81989df183df01b3e8a0aad5dffbe"),
-        "test-images": Source("t10k-images-idx3-ubyte.gz", (_FMNIST_URL + "t10k-images-idx3-ubyte.gz",),
-                              "bef4ecab320f06d8554ea6380940ec79"),
-        "test-labels": Source("t10k-labels-idx1-ubyte.gz", (_FMNIST_URL + "t10k-labels-idx1-ubyte.gz",),
-                              "bb300cfdad3c16e7a12a480ee83cd310"),
-    },
-    "cifar10": {
-        "archive": Source("cifar-10-binary.tar.gz", ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
-                          "c32a1d4ab5d03f1284b67883e8d87530"),
-    },
-    "cifar100": {
-        "archive": Source("cifar-100-binary.tar.gz", ("https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",),
-                          "03b5dce01913d631647c71ecec9e9cb8"),
-    },
-    "stl10": {
-        "archive": Source("stl10_binary.tar.gz", ("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",),
-                          "91f7769df0f17e558f3565bffb0c7dfb"),
-    },
-}
-
-#: Folders an archive unpacks to.
-_ARCHIVE_DIRS = {"cifar10": "cifar-10-batches-bin", "cifar100": "cifar-100-binary", "stl10": "stl10_binary"}
-
-#: System-wide locations searched last (Debian's dataset-fashion-mnist package).
-SYSTEM_DIRS: dict[str, tuple[str, ...]] = {
-    "fashion-mnist": ("/usr/share/datasets/fashion-mnist",),
-    "cifar10": (),
-    "cifar100": (),
-    "stl10": (),
-}
-
-_HOW_TO_GET = {
-    "fashion-mnist": "install the Debian/Ubuntu package (apt-get install dataset-fashion-mnist), or put "
-    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
-    "t10k-labels-idx1-ubyte.gz (from {url}) in $SWAV_DATA/fashion-mnist or ~/.cache/swav/fashion-mnist",
-    "cifar10": "put cifar-10-binary.tar.gz (the BINARY version, {url}) or its extracted cifar-10-batches-bin/ "
-    "in $SWAV_DATA/cifar10 or ~/.cache/swav/cifar10",
-    "cifar100": "put cifar-100-binary.tar.gz (the BINARY version, {url}) or its extracted cifar-100-binary/ "
-    "in $SWAV_DATA/cifar100 or ~/.cache/swav/cifar100",
-    "stl10": "put stl10_binary.tar.gz ({url}) or its extracted stl10_binary/ in $SWAV_DATA/stl10 or "
-    "~/.cache/swav/stl10",
-}
+#: System-wide locations searched last (Debian's dataset-fashion-mnist package); read at search
+#: time, so a test can replace an entry.
+SYSTEM_DIRS: dict[str, tuple[str, ...]] = {name: spec.system_dirs for name, spec in BUILTINS.items()}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -188,6 +289,12 @@ def canonical_name(name: str) -> str | None:
     return _ALIASES.get(str(name).strip().lower())
 
 
+def builtin_spec(name: str) -> BuiltinDataset | None:
+    """The :class:`BuiltinDataset` that ``name`` (any accepted spelling) names, else None."""
+    key = canonical_name(name)
+    return None if key is None else BUILTINS[key]
+
+
 def _check_name(name: str) -> str:
     key = canonical_name(name)
     if key is None:
@@ -196,8 +303,9 @@ def _check_name(name: str) -> str:
 
 
 def _check_split(name: str, split: str) -> None:
-    if split not in _SPLITS[name]:
-        raise ValueError(f"{name} has splits {', '.join(_SPLITS[name])}, not {split!r}")
+    splits = BUILTINS[name].splits
+    if split not in splits:
+        raise ValueError(f"{name} has splits {', '.join(splits)}, not {split!r}")
 
 
 def _cache_dir(name: str) -> Path:
@@ -227,18 +335,6 @@ def _search_dirs(name: str, root: str | os.PathLike | None) -> list[Path]:
 # --------------------------------------------------------------------------- #
 # Which files a split needs, and where they are
 # --------------------------------------------------------------------------- #
-_FMNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-_BIN_FILES = {
-    "cifar10": {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
-    "cifar100": {"train": ("train.bin",), "test": ("test.bin",)},
-    "stl10": {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin"),
-              "unlabeled": ("unlabeled_X.bin",)},
-}
-
-
 def _default_splits(name: str, split: str | None) -> tuple[str, ...]:
     if split is not None:
         return (split,)
@@ -257,13 +353,13 @@ def _locate_in(name: str, d: Path, splits: tuple[str, ...]) -> tuple[str, Path] 
     when it holds the archive, else None."""
     if not d.is_dir():
         return None
-    if name == "fashion-mnist":
-        if all(_idx_file(d, b) is not None for s in splits for b in _FMNIST_FILES[s]):
+    spec = BUILTINS[name]
+    if spec.archive_dir is None:
+        if all(_idx_file(d, b) is not None for s in splits for b in spec.files[s]):
             return ("files", d)
         return None
-    sub = _ARCHIVE_DIRS[name]
-    needed = [f for s in splits for f in _BIN_FILES[name][s]]
-    for folder in (d / sub, d):
+    needed = [f for s in splits for f in spec.files[s]]
+    for folder in (d / spec.archive_dir, d):
         if all((folder / f).is_file() for f in needed):
             return ("files", folder)
     archive = d / SOURCES[name]["archive"].filename
@@ -290,12 +386,6 @@ def find_builtin_root(name: str, root: str | os.PathLike | None = None, split: s
 # --------------------------------------------------------------------------- #
 # Download and unpack
 # --------------------------------------------------------------------------- #
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_file(url: str, dest: str | os.PathLike, md5: str, timeout: float = 60.0) -> Path:
@@ -425,8 +515,8 @@ def _check_labels(path: Path, labels: np.ndarray, n_classes: int) -> None:
         raise MalformedDatasetError(f"{path}: label {int(labels.max())} out of range 0..{n_classes - 1}")
 
 
-def _load_fashion_mnist(d: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    img_base, lab_base = _FMNIST_FILES[split]
+def _load_idx(spec: BuiltinDataset, d: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    img_base, lab_base = spec.files[split]
     img_path, lab_path = _idx_file(d, img_base), _idx_file(d, lab_base)
     assert img_path is not None and lab_path is not None
     images = read_idx(img_path, 3)
@@ -435,15 +525,15 @@ def _load_fashion_mnist(d: Path, split: str) -> tuple[torch.Tensor, torch.Tensor
         raise MalformedDatasetError(
             f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels"
         )
-    _check_labels(lab_path, labels, 10)
+    _check_labels(lab_path, labels, spec.num_classes)
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-def _load_cifar(name: str, folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    n_label_bytes = 1 if name == "cifar10" else 2  # cifar100: coarse, fine
-    rec = n_label_bytes + 3 * 32 * 32
+def _load_cifar(spec: BuiltinDataset, folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    name, n_label_bytes = spec.name, spec.label_bytes  # cifar100: coarse, fine
+    rec = n_label_bytes + int(np.prod(spec.shape))
     imgs, labs = [], []
-    for fname in _BIN_FILES[name][split]:
+    for fname in spec.files[split]:
         path = folder / fname
         raw = np.fromfile(path, dtype=np.uint8)
         if raw.size == 0 or raw.size % rec:
@@ -452,33 +542,40 @@ def _load_cifar(name: str, folder: Path, split: str) -> tuple[torch.Tensor, torc
             )
         raw = raw.reshape(-1, rec)
         lab = raw[:, n_label_bytes - 1]  # cifar100: the fine label
-        _check_labels(path, lab, len(BUILTIN_CLASSES[name]))
+        _check_labels(path, lab, spec.num_classes)
         labs.append(lab.astype(np.int64))
-        imgs.append(raw[:, n_label_bytes:].reshape(-1, 3, 32, 32))
+        imgs.append(raw[:, n_label_bytes:].reshape(-1, *spec.shape))
     images = np.concatenate(imgs) if len(imgs) > 1 else imgs[0].copy()
     return torch.from_numpy(images), torch.from_numpy(np.concatenate(labs))
 
 
-def _load_stl10(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    rec = 3 * 96 * 96
-    x_path = folder / f"{split}_X.bin"
+def _load_stl10(spec: BuiltinDataset, folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    rec = int(np.prod(spec.shape))
+    x_path = folder / spec.files[split][0]  # <split>_X.bin
     size = x_path.stat().st_size
     if size == 0 or size % rec:
-        raise MalformedDatasetError(f"{x_path}: size {size} bytes is not a positive multiple of {rec} (3x96x96)")
+        raise MalformedDatasetError(
+            f"{x_path}: size {size} bytes is not a positive multiple of {rec} ({'x'.join(map(str, spec.shape))})"
+        )
     n = size // rec
     # copy-on-write memory map: the 2.8 GB unlabeled split is not read into RAM
-    mm = np.memmap(x_path, dtype=np.uint8, mode="c", shape=(n, 3, 96, 96))
+    mm = np.memmap(x_path, dtype=np.uint8, mode="c", shape=(n, *spec.shape))
     # images are stored column-major: each channel plane is (W, H)
     images = torch.from_numpy(mm).transpose(2, 3)
     if split == "unlabeled":
         return images, None
-    y_path = folder / f"{split}_y.bin"
+    y_path = folder / spec.files[split][1]  # <split>_y.bin
     y = np.fromfile(y_path, dtype=np.uint8)
     if y.size != n:
         raise MalformedDatasetError(f"{y_path} holds {y.size} labels but {x_path} holds {n} images")
-    if y.size and (int(y.min()) < 1 or int(y.max()) > 10):
-        raise MalformedDatasetError(f"{y_path}: labels must be 1..10, found {int(y.min())}..{int(y.max())}")
+    k = spec.num_classes
+    if y.size and (int(y.min()) < 1 or int(y.max()) > k):
+        raise MalformedDatasetError(f"{y_path}: labels must be 1..{k}, found {int(y.min())}..{int(y.max())}")
     return images, torch.from_numpy(y.astype(np.int64) - 1)
+
+
+#: format -> reader ``(spec, folder, split) -> (images, labels or None)``
+_READERS = {"idx": _load_idx, "cifar": _load_cifar, "stl10": _load_stl10}
 
 
 def _read_class_names(folder: Path, fname: str, n: int) -> list[str] | None:
@@ -497,13 +594,56 @@ def _read_class_names(folder: Path, fname: str, n: int) -> list[str] | None:
 # Public entry point
 # --------------------------------------------------------------------------- #
 def _not_found(name: str, split: str, dirs: list[Path], reason: str) -> DatasetNotFoundError:
+    spec = BUILTINS[name]
     url = next(iter(SOURCES[name].values())).urls[0]
-    url = url.rsplit("/", 1)[0] + "/" if name == "fashion-mnist" else url
+    url = url.rsplit("/", 1)[0] + "/" if spec.archive_dir is None else url  # loose files: their folder
     looked = "\n".join(f"  - {d}" for d in dirs)
     return DatasetNotFoundError(
         f"built-in data set {name!r} (split {split!r}) not found; looked in:\n{looked}\n"
-        f"{reason}\nTo get it: {_HOW_TO_GET[name].format(url=url)}, or call with download=True."
+        f"{reason}\nTo get it: {spec.how_to_get.format(url=url)}, or call with download=True."
     )
+
+
+def _find_or_download(name: str, split: str, root: str | os.PathLike | None,
+                      download: bool) -> tuple[str, Path, bool]:
+    """``(kind, where, downloaded)``: what :func:`_locate_in` found for ``split`` in the search
+    folders, else in the download target after downloading (when ``download``)."""
+    splits = (split,)
+    dirs = _search_dirs(name, root)
+    for d in dirs:
+        found = _locate_in(name, d, splits)
+        if found is not None:
+            return (*found, False)
+    if not download:
+        raise _not_found(name, split, dirs, "download=False, so nothing was downloaded.")
+    target = Path(root).expanduser() if root is not None else _cache_dir(name)
+    try:
+        _download(name, BUILTINS[name].download_keys(split), target)
+    except ChecksumError:
+        raise
+    except OSError as e:
+        raise _not_found(name, split, dirs, f"Download into {target} failed: {e}") from e
+    found = _locate_in(name, target, splits)
+    if found is None:
+        raise _not_found(name, split, dirs, f"The files downloaded into {target} are incomplete.")
+    return (*found, True)
+
+
+def _unpack(name: str, split: str, archive: Path, downloaded: bool) -> Path:
+    """Unpack ``archive`` next to itself (into the cache when that is read-only); the folder
+    holding the files of ``split``. A downloaded archive is deleted once unpacked."""
+    spec = BUILTINS[name]
+    prefix = spec.archive_dir
+    try:
+        folder = _safe_extract(archive, archive.parent, prefix)
+    except PermissionError:  # read-only location: unpack into the cache instead
+        folder = _safe_extract(archive, _cache_dir(name), prefix)
+    missing = [f for f in spec.files[split] if not (folder / f).is_file()]
+    if missing:
+        raise MalformedDatasetError(f"archive {archive} lacks {', '.join(prefix + '/' + m for m in missing)}")
+    if downloaded:
+        archive.unlink(missing_ok=True)
+    return folder
 
 
 def load_builtin(
@@ -514,7 +654,7 @@ def load_builtin(
     in_chans: int | None = None,
 ) -> TensorImageDataset:
     """Load built-in data set ``name`` (see :data:`BUILTIN_NAMES`) as a
-    :class:`~swav.data.datasets.TensorImageDataset`.
+    :class:`~swav.data.memory.TensorImageDataset`.
 
     ``split``: ``train`` or ``test`` (and ``unlabeled`` for stl10, which has
     no labels).  ``in_chans``: convert channels (1 -> 3 repeats grey, 3 -> 1 is
@@ -524,54 +664,13 @@ def load_builtin(
     """
     name = _check_name(name)
     _check_split(name, split)
-    splits = (split,)
-    dirs = _search_dirs(name, root)
-    found = None
-    for d in dirs:
-        found = _locate_in(name, d, splits)
-        if found is not None:
-            break
-    downloaded_archive = False
-    if found is None:
-        if not download:
-            raise _not_found(name, split, dirs, "download=False, so nothing was downloaded.")
-        target = Path(root).expanduser() if root is not None else _cache_dir(name)
-        keys = (
-            [f"{split}-images", f"{split}-labels"] if name == "fashion-mnist" else ["archive"]
-        )
-        try:
-            _download(name, keys, target)
-        except ChecksumError:
-            raise
-        except OSError as e:
-            raise _not_found(name, split, dirs, f"Download into {target} failed: {e}") from e
-        found = _locate_in(name, target, splits)
-        downloaded_archive = True
-        if found is None:
-            raise _not_found(name, split, dirs, f"The files downloaded into {target} are incomplete.")
-    kind, where = found
+    kind, where, downloaded = _find_or_download(name, split, root, download)
     if kind == "archive":
-        prefix = _ARCHIVE_DIRS[name]
-        try:
-            folder = _safe_extract(where, where.parent, prefix)
-        except PermissionError:  # read-only location: unpack into the cache instead
-            folder = _safe_extract(where, _cache_dir(name), prefix)
-        missing = [f for f in _BIN_FILES[name][split] if not (folder / f).is_file()]
-        if missing:
-            raise MalformedDatasetError(f"archive {where} lacks {', '.join(prefix + '/' + m for m in missing)}")
-        if downloaded_archive:
-            where.unlink(missing_ok=True)
-        where = folder
-
-    classes = list(BUILTIN_CLASSES[name])
-    if name == "fashion-mnist":
-        images, labels = _load_fashion_mnist(where, split)
-    elif name in ("cifar10", "cifar100"):
-        images, labels = _load_cifar(name, where, split)
-        meta = "batches.meta.txt" if name == "cifar10" else "fine_label_names.txt"
-        classes = _read_class_names(where, meta, len(classes)) or classes
-    else:
-        images, labels = _load_stl10(where, split)
-        classes = _read_class_names(where, "class_names.txt", len(classes)) or classes
+        where = _unpack(name, split, where, downloaded)
+    spec = BUILTINS[name]
+    images, labels = _READERS[spec.format](spec, where, split)
+    classes = list(spec.classes)
+    if spec.class_names_file is not None:
+        classes = _read_class_names(where, spec.class_names_file, len(classes)) or classes
     ds = TensorImageDataset(images, labels, classes if labels is not None else None, name=f"{name}:{split}")
     return ds.with_channels(in_chans)

@@ -2,14 +2,20 @@
 
 Two kinds of dataset exist:
 
-* :class:`TensorImageDataset` holds a whole data set as one uint8 tensor
-  ``(N, C, H, W)`` (the built-in data sets of :mod:`swav.data.builtin`).  A
-  batch is one ``index_select`` (:meth:`TensorImageDataset.get_batch`).
+* :class:`TensorImageDataset` (defined in :mod:`swav.data.memory`, re-exported
+  here) holds a whole data set as one uint8 tensor ``(N, C, H, W)`` (the
+  built-in data sets of :mod:`swav.data.builtin`).  A batch is one
+  ``index_select`` (:meth:`TensorImageDataset.get_batch`).
 * :class:`ImageFilesDataset` decodes one image file per ``__getitem__`` with
   Pillow.  A file that cannot be used never raises: it comes back as a
   :class:`Skipped` record (path and reason), so one bad file never kills a
   data-loader worker.  :class:`ImageFolderDataset` and
   :class:`FileListDataset` are the two ways to list the files.
+
+Every data set says which kind it is with ``in_memory`` (True: in memory, all
+images of one size, batches gathered by ``get_batch``).  :func:`build_dataset`
+turns a source (built-in name, folder or file list) into a data set.
+:class:`Skipped` is defined in :mod:`swav.data.batch` and re-exported here.
 
 Decoding rules (:func:`decode_image`):
 
@@ -45,12 +51,15 @@ import math
 import os
 import stat
 import warnings
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
+
+from swav.data import builtin
+from swav.data.batch import Skipped
+from swav.data.memory import TensorImageDataset, to_channels
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -82,117 +91,6 @@ class EmptyDatasetError(ValueError):
 
 class BadImageError(Exception):
     """An image file that cannot be used; the message is the reason."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """A file that was not used: its path, why, and its dataset index."""
-
-    path: str
-    reason: str
-    index: int = -1
-
-
-# --------------------------------------------------------------------------- #
-# Channel conversion of uint8 tensors
-# --------------------------------------------------------------------------- #
-def to_channels(images: torch.Tensor, in_chans: int | None) -> torch.Tensor:
-    """Convert uint8 images ``(N, C, H, W)`` to ``in_chans`` channels.
-
-    1 -> 3 repeats the grey channel (as a stride-0 view, no copy);
-    3 -> 1 is the ITU-R 601-2 luma ``(299 R + 587 G + 114 B) / 1000``, rounded
-    like Pillow's ``convert("L")``.
-    """
-    if in_chans is None:
-        return images
-    c = images.shape[1]
-    if c == in_chans:
-        return images
-    if c == 1 and in_chans == 3:
-        return images.expand(-1, 3, -1, -1)
-    if c == 3 and in_chans == 1:
-        out = torch.empty((images.shape[0], 1, *images.shape[2:]), dtype=torch.uint8)
-        w = torch.tensor([299, 587, 114], dtype=torch.int32).view(1, 3, 1, 1)
-        step = 4096
-        for s in range(0, images.shape[0], step):
-            chunk = images[s : s + step].to(torch.int32)
-            out[s : s + step] = ((chunk * w).sum(1, keepdim=True) + 500).div(1000, rounding_mode="floor").to(torch.uint8)
-        return out
-    raise ValueError(f"cannot convert {c}-channel images to {in_chans} channels (supported: 1 or 3)")
-
-
-# --------------------------------------------------------------------------- #
-# In-memory dataset
-# --------------------------------------------------------------------------- #
-class TensorImageDataset:
-    """A data set held in memory as one uint8 tensor ``(N, C, H, W)``.
-
-    ``images`` may be a non-contiguous view (e.g. a memory map or a channel
-    ``expand``); :meth:`get_batch` copies only the rows it selects.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        classes: list[str] | None = None,
-        name: str = "tensor",
-    ) -> None:
-        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError(f"{name}: images must be a uint8 tensor (N, C, H, W)")
-        if labels is not None:
-            labels = torch.as_tensor(labels, dtype=torch.int64)
-            if labels.shape != (images.shape[0],):
-                raise ValueError(f"{name}: labels shape {tuple(labels.shape)} != ({images.shape[0]},)")
-        self.images = images
-        self.labels = labels
-        self.classes = list(classes) if classes is not None else None
-        self.name = name
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def has_labels(self) -> bool:
-        return self.labels is not None
-
-    @property
-    def in_chans(self) -> int:
-        return int(self.images.shape[1])
-
-    def __getitem__(self, i: int):
-        label = int(self.labels[i]) if self.labels is not None else -1
-        return self.images[i].contiguous(), label, int(i)
-
-    def get_batch(self, indices: torch.Tensor):
-        """Gather a :class:`~swav.data.loader.Batch` (vectorised, no per-sample loop)."""
-        from swav.data.loader import Batch
-
-        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        images = self.images.index_select(0, idx).contiguous()
-        n = idx.numel()
-        h, w = self.images.shape[2], self.images.shape[3]
-        sizes = torch.tensor([h, w], dtype=torch.int64).repeat(n, 1)
-        if self.labels is not None:
-            labels = self.labels.index_select(0, idx)
-        else:
-            labels = torch.full((n,), -1, dtype=torch.int64)
-        return Batch(images=images, sizes=sizes, labels=labels, indices=idx.clone(), skipped=[])
-
-    def subset(self, n: int) -> "TensorImageDataset":
-        """The first ``n`` images (all of them when ``n <= 0`` or ``n >= len``)."""
-        if n <= 0 or n >= len(self):
-            return self
-        labels = self.labels[:n] if self.labels is not None else None
-        return TensorImageDataset(self.images[:n], labels, self.classes, self.name)
-
-    def with_channels(self, in_chans: int | None) -> "TensorImageDataset":
-        if in_chans is None or in_chans == self.in_chans:
-            return self
-        return TensorImageDataset(to_channels(self.images, in_chans), self.labels, self.classes, self.name)
-
-    def __repr__(self) -> str:
-        return f"TensorImageDataset(name={self.name!r}, n={len(self)}, shape={tuple(self.images.shape[1:])})"
 
 
 # --------------------------------------------------------------------------- #
@@ -406,6 +304,11 @@ class ImageFilesDataset:
         return len(self._paths)
 
     @property
+    def in_memory(self) -> bool:
+        """False: images are decoded from files, one per ``__getitem__``, and may differ in size."""
+        return False
+
+    @property
     def has_labels(self) -> bool:
         return self.labels is not None
 
@@ -448,7 +351,7 @@ def _is_image_name(name: str, extensions: tuple[str, ...]) -> bool:
     return os.path.splitext(name)[1].lower() in extensions
 
 
-def _scan_images(folder: str, extensions: tuple[str, ...]) -> list[str]:
+def scan_images(folder: str, extensions: tuple[str, ...]) -> list[str]:
     """All image files below ``folder`` (recursive, follows directory links once)."""
     out: list[str] = []
     seen: set[tuple[int, int]] = set()
@@ -525,7 +428,7 @@ class ImageFolderDataset(ImageFilesDataset):
         classes: list[str] = []
         class_files: list[list[str]] = []
         for cname, cpath in subdirs:
-            files = _scan_images(cpath, exts)
+            files = scan_images(cpath, exts)
             if files:
                 classes.append(cname)
                 class_files.append(files)
@@ -682,8 +585,6 @@ def build_dataset(
     lists follow :func:`_folder_for_split` / :func:`_list_for_split`.
     ``min_size``/``max_side``/``max_pixels`` apply to image files only.
     """
-    from swav.data import builtin
-
     if split not in ("train", "test", "unlabeled"):
         raise ValueError(f"split must be 'train', 'test' or 'unlabeled', got {split!r}")
     src = os.fspath(source)

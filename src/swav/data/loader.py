@@ -5,6 +5,9 @@ global permutation :func:`epoch_indices` is cut into global batches of
 ``global_batch_size`` and rank ``r`` takes elements ``[r*b, (r+1)*b)`` of each
 global batch, ``b = global_batch_size // world_size``.  Concatenating the
 ranks' batches of a step in rank order gives the 1-process batch of that step.
+
+:class:`~swav.data.batch.Batch` is defined in :mod:`swav.data.batch` and
+re-exported here (``from swav.data.loader import Batch`` keeps working).
 """
 
 from __future__ import annotations
@@ -15,56 +18,15 @@ import math
 import os
 import signal
 import threading
-from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
 
-from swav.data.datasets import EmptyDatasetError, ImageFilesDataset, Skipped, TensorImageDataset
+from swav.data.batch import Batch, Skipped
+from swav.data.datasets import EmptyDatasetError, ImageFilesDataset
+from swav.data.memory import TensorImageDataset
 
 __all__ = ["Batch", "EpochLoader", "epoch_indices", "pad_collate"]
-
-
-@dataclass
-class Batch:
-    """A batch of images.
-
-    images:  uint8 ``(N, C, H, W)``, zero-padded (bottom/right) to the largest
-             H and W in the batch;
-    sizes:   int64 ``(N, 2)``, each image's true ``(h, w)`` before padding;
-    labels:  int64 ``(N,)``, ``-1`` = unknown;
-    indices: int64 ``(N,)``, dataset indices;
-    skipped: :class:`~swav.data.datasets.Skipped` records of the files of this
-             batch that could not be used (they are not among the N images).
-    """
-
-    images: torch.Tensor
-    sizes: torch.Tensor
-    labels: torch.Tensor
-    indices: torch.Tensor
-    skipped: list[Skipped] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def pin_memory(self) -> "Batch":
-        """Page-locked copies of the tensors (for fast non-blocking copies to a GPU)."""
-        return replace(
-            self,
-            images=self.images.pin_memory(),
-            sizes=self.sizes.pin_memory(),
-            labels=self.labels.pin_memory(),
-            indices=self.indices.pin_memory(),
-        )
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return replace(
-            self,
-            images=self.images.to(device, non_blocking=non_blocking),
-            sizes=self.sizes.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            indices=self.indices.to(device, non_blocking=non_blocking),
-        )
 
 
 def _empty_batch(channels: int, skipped: list[Skipped] | None = None) -> Batch:
@@ -194,7 +156,8 @@ class EpochLoader:
     * with ``drop_last=False`` the last global batch is short and is cut by
       the same rule, so high ranks may get fewer (even zero) images in it --
       every rank still yields the same number of batches;
-    * a :class:`~swav.data.datasets.TensorImageDataset` is gathered in the main
+    * an in-memory data set (``in_memory``: a
+      :class:`~swav.data.memory.TensorImageDataset`) is gathered in the main
       process (``get_batch``); an :class:`~swav.data.datasets.ImageFilesDataset`
       is decoded by a torch ``DataLoader`` with ``workers`` processes;
     * when every image this rank tried in the epoch was skipped, the iteration
@@ -307,7 +270,7 @@ class EpochLoader:
 
     def _batches(self) -> Iterator[Batch]:
         ds = self.dataset
-        if isinstance(ds, TensorImageDataset):
+        if ds.in_memory:
             pin = self._pin()
             for step in range(self.start_step, self.steps_per_epoch):
                 batch = ds.get_batch(self.rank_batch_indices(step))

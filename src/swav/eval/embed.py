@@ -32,7 +32,7 @@ from torch import nn
 from swav import __version__
 from swav.data.datasets import ImageFilesDataset
 from swav.eval.clusters import PrototypeScores, assign
-from swav.eval.common import BatchStream, progress_printer
+from swav.eval.data import BatchStream, progress_printer
 from swav.eval.features import extract_features
 
 __all__ = ["embed_images", "cluster_images", "FEATURE_KINDS", "escape_path"]

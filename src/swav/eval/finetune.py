@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swav.atomic import write_bytes_atomic
 from swav.data.datasets import ImageFilesDataset, TensorImageDataset
 from swav.data.loader import EpochLoader
 from swav.eval.features import extract_features
@@ -97,9 +98,7 @@ def write_subset_file(path: str | os.PathLike, dataset, indices: torch.Tensor, h
     for i in indices.tolist():
         key = str(i) if isinstance(dataset, TensorImageDataset) else _escape(dataset.path(i))
         lines.append(f"{key}\t{int(labels[i])}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
-    os.replace(tmp, path)
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape"), durable=False)
     return path
 
 
@@ -200,7 +199,7 @@ def finetune(backbone: nn.Module, train_set, test_set, eval_data, device, num_cl
             x = augment(images, batch.sizes.to(device), augment.sample_params(images.shape[0], gen))[0]
             loss = F.cross_entropy(net(x), batch.labels.to(device))
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{prefix}: the loss became {float(loss)} at epoch {epoch + 1}; "
+                raise FloatingPointError(f"{prefix}: the loss became {float(loss.detach())} at epoch {epoch + 1}; "
                                          "lower --lr-trunk / --lr-head")
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -14,8 +14,9 @@ from typing import Callable
 
 import torch
 
-from swav.eval.common import (BatchStream, Timer, eval_data_for, extract, make_record, num_classes_of,
-                              progress_printer, resolve_device, result_path, write_result)
+from swav.device import resolve_device
+from swav.eval.data import BatchStream, eval_data_for, extract, num_classes_of, progress_printer
+from swav.eval.results import Timer, make_record, result_path, write_result
 from swav.eval.weights import LoadedWeights, load_weights
 
 __all__ = ["EvalOptions", "TaskContext", "run_evaluation", "knn_task", "linear_task", "finetune_task",
@@ -152,11 +153,11 @@ def finetune_task(percent: float = 1.0, subset_file: str | None = None, subset_s
                 log.info("finetune: %d labelled images from %s", len(idx), subset_file)
             else:
                 idx = balanced_subset(tr.labels, percent / 100.0, subset_seed)
-                f = ctx.result_path.parent / f"finetune-subset-{_pct(percent)}pct-seed{subset_seed}.txt"
-                write_subset_file(f, tr, idx, f"source={data.source} split=train percent={_pct(percent)} "
+                f = ctx.result_path.parent / f"finetune-subset-{percent_label(percent)}pct-seed{subset_seed}.txt"
+                write_subset_file(f, tr, idx, f"source={data.source} split=train percent={percent_label(percent)} "
                                               f"seed={subset_seed} images={len(idx)}")
                 log.info("finetune: %d labelled images (%s %% of %d, class-balanced, seed %d), listed in %s "
-                         "(reuse it with --subset-file)", len(idx), _pct(percent), len(tr), subset_seed, f)
+                         "(reuse it with --subset-file)", len(idx), percent_label(percent), len(tr), subset_seed, f)
             state["subset"] = subset_dataset(tr, idx)
         sub = state["subset"]
         size = data.crop_size(tr)
@@ -164,12 +165,12 @@ def finetune_task(percent: float = 1.0, subset_file: str | None = None, subset_s
         n_cls = num_classes_of(tr.labels, dataset=tr)
         return finetune(w.backbone, sub, te, data, device, n_cls, epochs=epochs, lr_trunk=lr_t, lr_head=lr_h,
                         batch_size=batch_size, min_scale=scale, seed=seed, stream=BatchStream,
-                        prefix=f"finetune_{_pct(percent)}pct")
+                        prefix=f"finetune_{percent_label(percent)}pct")
 
     return run
 
 
-def _pct(p: float) -> str:
+def percent_label(p: float) -> str:
     return f"{p:g}"
 
 

@@ -19,7 +19,6 @@ Loading is strict: a missing, unexpected or misshapen key is an error that lists
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from swav import __version__
+from swav.atomic import write_bytes_atomic
 from swav.checkpoint import (CHECKPOINT_NAME, CheckpointError, StateDictMismatchError, check_state_dict,
                              load_checkpoint_file, load_run_state, model_from_official_state_dict,
                              model_to_official_keys, save_atomic, strip_prefixes)
@@ -75,7 +75,7 @@ class LoadedWeights:
         built after ``torch.manual_seed(0)``.
         """
         if self.kind == "run":
-            from swav.trainer import build_model
+            from swav.build import build_model
 
             torch.manual_seed(self.config.train.seed)
             model = build_model(self.config)
@@ -222,7 +222,7 @@ def _load_torchvision(path: Path, sd: dict[str, torch.Tensor]) -> LoadedWeights:
 
 def _load_run(path: Path) -> LoadedWeights:
     from swav.config import from_dict
-    from swav.trainer import build_model
+    from swav.build import build_model
 
     state = load_run_state(path)
     cfg = from_dict(state["config"])
@@ -314,15 +314,9 @@ def export_weights(loaded: LoadedWeights, fmt: str, out: str | os.PathLike | Non
     elif fmt == "torchvision":
         save_atomic(backbone_state_dict(loaded), path)
     else:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         meta = {"format": "pt", "layout": "torchvision-resnet", "source": str(loaded.path),
                 "swav_version": __version__, "arch": json.dumps(_arch_name(loaded.resnet_kwargs))}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(backbone_state_dict(loaded), str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        write_bytes_atomic(path, save(backbone_state_dict(loaded), metadata=meta))
     return path

@@ -1,11 +1,12 @@
 """The run report: one self-contained HTML page that shows what a SwAV run did and what it learned.
 
-``write_report(run_dir)`` reads a run folder (``config.yaml``, ``checkpoint.pt``, ``metrics.jsonl``,
-``log.txt``, ``eval/*.json``) and writes ``run_dir/report.html`` with these sections (element ids
-in brackets):
+``write_report(run_dir)`` reads a run folder (``run.json``, ``config.yaml``, ``checkpoint.pt``,
+``metrics.jsonl``, ``eval/*.json``; never the human log ``log.txt``, whose wording may change) and
+writes ``run_dir/report.html`` with these sections (element ids in brackets):
 
-* run [run]: status, steps, wall time, version, processes, device and precision of the training
-  machine (from ``log.txt`` and the checkpoint), and the machine the report was made on;
+* run [run]: status, steps, wall time, resumes, version, processes, device and precision of the
+  training machine, time budget (from ``run.json`` and the checkpoint), the run's warnings (from
+  ``run.json``), and the machine the report was made on;
 * training curves [curves]: loss with the ln K collapse line, learning rate, images/s with the
   data-wait fraction, prototype usage, code entropies, online kNN when it ran;
 * prototypes [prototypes]: the most used prototypes, each with the training images that score
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 
+from swav.atomic import write_text_atomic
 from swav.report.html import SECTION_IDS, GalleryRowView, Page, render
 from swav.report.runinfo import RunFacts, format_seconds, read_run, report_environment
 
@@ -53,28 +55,45 @@ def _first_k(nmb) -> int | None:
     return int(nmb) if nmb else None
 
 
-def _parse_stamp(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return time.mktime(time.strptime(text, "%Y-%m-%d %H:%M:%S"))
-    except ValueError:
-        return None
-
-
 def _stamp(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
 
 
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.3g}M parameters"
+
+
+def _budget_row(facts: RunFacts, cfg) -> str | None:
+    """The time budget and what it was fitted to (run.json, else the config and the checkpoint)."""
+    rec, ckpt = facts.record, facts.checkpoint or {}
+    minutes = rec.budget_minutes if rec is not None else (cfg.train.time_budget_minutes if cfg is not None else 0)
+    if not minutes or minutes <= 0:
+        return None
+    fitted = ckpt.get("budget_fitted", rec.budget_fitted if rec is not None else None)
+    text = f"{minutes:g} min"
+    if fitted is False:
+        return text + ": not fitted yet (the run stopped during its first, timed steps; a resume fits it)"
+    total, spe = facts.total_steps, facts.steps_per_epoch
+    if total and fitted:
+        text += f": fitted to {total} steps"
+        if spe:
+            text += f" ({total / spe:.2f} epochs)"
+    if rec is not None and rec.seconds_per_step is not None:
+        text += f" at a measured {rec.seconds_per_step:.3f} s/step"
+    return text + (" (from run.json)" if rec is not None else " (from the config; run.json is missing)")
+
+
 def _run_rows(facts: RunFacts, cfg) -> tuple[list[tuple[str, str]], str]:
     rows: list[tuple[str, str]] = []
-    lg = facts.log
+    rec = facts.record
     spe = facts.steps_per_epoch
     step, total = facts.global_step, facts.total_steps
     if facts.finished is True:
         status = f"finished: {step} of {total} steps"
     elif facts.finished is False:
-        status = f"unfinished: step {step} of {total}; rerun the same `swav pretrain` command to resume"
+        signal = (" (stopped by a signal, e.g. pre-emption)"
+                  if rec is not None and rec.stopped_by_signal and rec.global_step == step else "")
+        status = f"unfinished: step {step} of {total}{signal}; rerun the same `swav pretrain` command to resume"
     else:
         status = f"at step {step}" if step is not None else "no training step recorded yet"
     if spe and step is not None:
@@ -84,35 +103,53 @@ def _run_rows(facts: RunFacts, cfg) -> tuple[list[tuple[str, str]], str]:
     rows.append(("run folder", str(facts.run_dir.resolve())))
 
     times = [r["time"] for r in facts.metrics if isinstance(r.get("time"), (int, float))]
-    t0 = _parse_stamp(lg.get("first_start")) or (min(times) if times else None)
+    first_start = rec.first_start if rec is not None and rec.first_start > 0 else None
+    t0 = first_start or (min(times) if times else None)
     t1 = max(times) if times else None
     if t0 and t1:
-        restarts = max(0, int(lg.get("starts", 1)) - 1)
+        restarts = max(0, rec.starts - 1) if rec is not None else 0
         extra = f"; {restarts} resume(s), downtime in between included" if restarts else ""
-        rows.append(("wall time", f"{format_seconds(t1 - t0)} (first log line {_stamp(t0)} to last metrics "
+        if rec is None:
+            extra += "; resumes not known without run.json"
+        since = "first start" if first_start else "first metrics record"
+        rows.append(("wall time", f"{format_seconds(t1 - t0)} ({since} {_stamp(t0)} to last metrics "
                                   f"record {_stamp(t1)}{extra})"))
-    version = (facts.checkpoint or {}).get("version") or lg.get("version")
+    elif first_start:
+        rows.append(("started", f"{_stamp(first_start)} (no metrics record yet)"))
+    version = (facts.checkpoint or {}).get("version") or (rec.version if rec is not None else "")
     if version:
-        rows.append(("swav version", f"{version} (from {'checkpoint.pt' if facts.checkpoint else 'log.txt'})"))
-    world = (facts.checkpoint or {}).get("world_size") or lg.get("processes")
-    if world or lg.get("device"):
+        text = f"{version} (from {'checkpoint.pt' if (facts.checkpoint or {}).get('version') else 'run.json'})"
+        if rec is not None and (rec.torch or rec.python):
+            text += f"; trained with torch {rec.torch or '?'}, python {rec.python or '?'} (run.json)"
+        rows.append(("swav version", text))
+    world = (facts.checkpoint or {}).get("world_size") or (rec.world_size if rec is not None else None)
+    if rec is not None and (rec.device or rec.host):
         hw = f"{world or '?'} process(es)"
-        if lg.get("device"):
-            hw += f" on {lg['device']} ({lg.get('precision', '?')})"
-        if lg.get("host"):
-            hw += f", host {lg['host']}"
-        rows.append(("training hardware", hw + " (from log.txt and checkpoint.pt)"))
-    if cfg is not None:
-        data = f"{cfg.data.source}"
-        if lg.get("images"):
-            data += f": {lg['images']} training images"
-        data += f", global batch {cfg.train.batch_size}"
+        if rec.device:
+            hw += f" on {rec.device} ({rec.precision or '?'})"
+            if rec.device_name:
+                hw += f", {rec.device_name}"
+        if rec.host:
+            hw += f", host {rec.host}"
+        rows.append(("training hardware", hw + " (from run.json)"))
+    elif world:
+        rows.append(("training hardware", f"{world} process(es) (from checkpoint.pt; device, precision and host "
+                                          "are not known without run.json)"))
+    source = cfg.data.source if cfg is not None else (rec.data_source if rec is not None else "")
+    if source:
+        data = f"{source}"
+        if rec is not None and rec.images:
+            data += f": {rec.images} training images"
+        batch = cfg.train.batch_size if cfg is not None else (rec.global_batch if rec is not None else 0)
+        if batch:
+            data += f", global batch {batch}"
         if spe:
             data += f", {spe} steps per epoch"
         rows.append(("data", data))
+    if cfg is not None:
         k = _first_k(cfg.model.nmb_prototypes)
         model = f"{cfg.model.arch} (width {cfg.model.width_per_group}"
-        model += f", {lg['params_millions']}M parameters)" if lg.get("params_millions") else ")"
+        model += f", {_millions(rec.parameters)})" if rec is not None and rec.parameters else ")"
         model += f", {cfg.model.nmb_prototypes} prototypes of dimension {cfg.model.feat_dim}"
         rows.append(("model", model))
         crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.augment.nmb_crops, cfg.augment.size_crops))
@@ -121,12 +158,27 @@ def _run_rows(facts: RunFacts, cfg) -> tuple[list[tuple[str, str]], str]:
         losses = [r["loss"] for r in facts.metrics if isinstance(r.get("loss"), (int, float))]
         if losses and k:
             rows.append(("last logged loss", f"{losses[-1]:.4f} (ln K = {math.log(k):.4f})"))
+    elif rec is not None and rec.arch:
+        model = rec.arch + (f" ({_millions(rec.parameters)})" if rec.parameters else "")
+        rows.append(("model", model + (f"; crops {rec.crops}" if rec.crops else "") + " (from run.json)"))
+    budget = _budget_row(facts, cfg)
+    if budget:
+        rows.append(("time budget", budget))
     if facts.metrics:
         last = next((r for r in reversed(facts.metrics) if "skipped_files" in r), None)
         if last is not None:
             rows.append(("health", f"{int(last.get('skipped_files', 0))} unusable file(s) skipped, "
                                    f"{int(last.get('nonfinite_steps', 0))} non-finite step(s) skipped"))
     return rows, status
+
+
+def _distinct(warnings: list[str]) -> list[str]:
+    """Each warning once, in order of first appearance, with how often it was recorded (a resumed
+    run records its config warnings again at every start)."""
+    counts: dict[str, int] = {}
+    for w in warnings:
+        counts[w] = counts.get(w, 0) + 1
+    return [w if n == 1 else f"{w} ({n} times)" for w, n in counts.items()]
 
 
 def _diagnostics(facts: RunFacts, cfg) -> list[str]:
@@ -334,9 +386,11 @@ def build_page(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = N
     rows, status = _run_rows(facts, cfg)
     page.run_facts = rows
     page.run_notes = _diagnostics(facts, cfg) + list(facts.notes)
+    if facts.record_note:
+        page.run_notes.append(facts.record_note)
     if facts.checkpoint_note:
         page.run_notes.append(facts.checkpoint_note)
-    page.log_warnings = facts.warnings
+    page.run_warnings = _distinct(facts.warnings)
     env = report_environment()
     page.environment = list(env.items())
     preset = f"preset {cfg.preset}" if cfg is not None and cfg.preset else "custom config"
@@ -395,8 +449,6 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     text = render(page)
     path = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text, durable=False)
     log.info("report written to %s (%.0f kB, %.1f s)", path, len(text) / 1024, time.perf_counter() - t)
     return path

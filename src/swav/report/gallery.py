@@ -52,7 +52,7 @@ class Gallery:
 def load_model(state: dict[str, Any]):
     """(model in eval mode, Config) from a run state (see ``swav.checkpoint.load_run_state``)."""
     from swav.config import from_dict
-    from swav.trainer import build_model
+    from swav.build import build_model
 
     cfg = from_dict(state["config"])
     with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
@@ -63,12 +63,12 @@ def load_model(state: dict[str, Any]):
 
 
 def open_split(cfg, split: str, source: str | None = None):
-    """The ``split`` of the run's data source (or of ``source``), never downloading anything."""
-    from swav.data.datasets import build_dataset
+    """The ``split`` of the run's data source (or of ``source``), never downloading anything; the
+    training split as the run saw it (``data.subset``)."""
+    from swav.eval.data import EvalData
 
-    d = cfg.data
-    return build_dataset(source or d.source, split, in_chans=cfg.model.in_chans, root=d.root, download=False,
-                         subset=d.subset if split == "train" else 0, min_size=d.min_size, max_side=d.max_side)
+    data = EvalData.from_config(cfg, source=source, download=False)
+    return data.split(split, cfg.data.subset if split == "train" else 0)
 
 
 def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
@@ -76,24 +76,6 @@ def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
     if k >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-
-
-def _batches(dataset, indices: np.ndarray, batch_size: int, workers: int):
-    from swav.data.loader import pad_collate
-
-    if hasattr(dataset, "get_batch"):
-        for start in range(0, len(indices), batch_size):
-            yield dataset.get_batch(torch.as_tensor(indices[start:start + batch_size], dtype=torch.int64))
-        return
-    import functools
-
-    sub = torch.utils.data.Subset(dataset, [int(i) for i in indices])
-    loader = torch.utils.data.DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=functools.partial(pad_collate, channels=dataset.in_chans))
-    for batch in loader:
-        if len(batch) == 0:  # every file of this batch was unusable
-            continue
-        yield batch
 
 
 class _Embedder(nn.Module):
@@ -110,17 +92,15 @@ class _Embedder(nn.Module):
 
 
 def embed(model, cfg, dataset, indices: np.ndarray, device: torch.device, batch_size: int = 256) -> Embeddings:
-    """Run the network over ``dataset[indices]`` with the run's evaluation transform."""
-    from swav.data.multicrop import EvalTransform
+    """Run the network over ``dataset[indices]`` with the run's evaluation transform (the one path of
+    ``swav.eval.data``, as the kNN monitor and ``swav eval``)."""
+    from swav.eval.data import EvalData
     from swav.eval.features import extract_features
 
-    # as the trainer's kNN monitor: the native size for in-memory built-ins (one image size),
-    # resize + centre crop to the large-crop size for image files
-    a = cfg.augment
-    transform = EvalTransform(a.size_crops[0], a.mean, a.std, resize=not hasattr(dataset, "get_batch")).to(device)
+    data = EvalData.from_config(cfg, download=False, batch_size=batch_size)
     model = model.to(device)
-    out, labels, idx = extract_features(_Embedder(model), _batches(dataset, indices, batch_size, cfg.data.workers),
-                                        transform, device)
+    out, labels, idx = extract_features(_Embedder(model), data.batches(dataset, indices),
+                                        data.transform(dataset).to(device), device)
     nfeat = out.shape[1] - cfg.model.feat_dim
     lab = labels.numpy() if getattr(dataset, "has_labels", False) else None
     return Embeddings(indices=idx.numpy(), features=out[:, :nfeat].numpy(), z=out[:, nfeat:].numpy(), labels=lab,
@@ -172,7 +152,7 @@ def thumbnail(dataset, index: int, size: int = 84) -> np.ndarray | None:
     """
     from PIL import Image
 
-    if hasattr(dataset, "images"):
+    if dataset.in_memory:
         img = dataset.images[int(index)]
     else:
         item = dataset[int(index)]

@@ -75,7 +75,7 @@ class Page:
     run_facts: list[tuple[str, str]] = field(default_factory=list)
     environment: list[tuple[str, str]] = field(default_factory=list)
     run_notes: list[str] = field(default_factory=list)
-    log_warnings: list[str] = field(default_factory=list)
+    run_warnings: list[str] = field(default_factory=list)
     curves: list[Any] = field(default_factory=list)  # plots.Figure
     curves_notes: list[str] = field(default_factory=list)
     gallery_intro: str = ""
@@ -117,11 +117,12 @@ def _section(sid: str, inner: str) -> str:
 def _run_section(p: Page) -> str:
     parts = [_notes(p.run_notes), "<h3>The run</h3>", _facts_table(p.run_facts),
              "<h3>Where this report was made</h3>",
-             "<p>Read at report time (the training machine is described above, from log.txt and the checkpoint).</p>",
+             "<p>Read at report time (the training machine is described above, from run.json and the checkpoint).</p>",
              _facts_table(p.environment)]
-    if p.log_warnings:
-        items = "".join(f"<li>{_e(w)}</li>" for w in p.log_warnings)
-        parts.append(f'<h3>Warnings in log.txt</h3><ul class="warn">{items}</ul>')
+    if p.run_warnings:
+        items = "".join(f"<li>{_e(w)}</li>" for w in p.run_warnings)
+        parts.append(f'<h3>Warnings of the run</h3><p>The first ones, as run.json keeps them.</p>'
+                     f'<ul class="warn">{items}</ul>')
     return _section("run", "".join(parts))
 
 

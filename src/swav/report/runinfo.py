@@ -1,29 +1,23 @@
-"""What a run folder says about its run: metrics, log facts, checkpoint facts, evaluation results.
+"""What a run folder says about its run: run record, metrics, checkpoint facts, evaluation results.
 
-Everything here reads files and tolerates their absence: a run killed in its first epoch has a
-config and a log but no checkpoint; a run on another machine may lack ``log.txt``. Each reader
-returns what it found and, where something is missing or unreadable, a note saying so.
+Everything here reads files as data and tolerates their absence: a run killed in its first steps has
+a config but no checkpoint; a run folder from an older swav has no ``run.json``. The human log
+(``log.txt``) is never read: its wording is free to change. Each reader returns what it found and,
+where something is missing or unreadable, a note saying so.
 """
 from __future__ import annotations
 
 import json
 import math
 import platform
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunFacts", "EvalResult", "merge_metrics", "read_run", "read_evaluations", "report_environment",
-           "format_seconds"]
+from swav.runrecord import RUN_RECORD_NAME, RunRecord, RunRecordError
 
-# "swav 0.1.0 | host | 1 process(es) on cpu (bf16) | fashion-mnist: 60000 images, 234 steps/epoch of 256 ..."
-_START_RE = re.compile(
-    r"swav (?P<version>\S+) \| (?P<host>[^|]+?) \| (?P<procs>\d+) process\(es\) on (?P<device>\S+) "
-    r"\((?P<precision>[^)]+)\) \| (?P<source>.+?): (?P<images>\d+) images, (?P<spe>\d+) steps/epoch of "
-    r"(?P<batch>\d+).*?\| (?P<arch>\S+) (?P<params>[\d.]+)M parameters")
-_BUDGET_RE = re.compile(r"time budget .*?: training (?P<epochs>\d+) epoch\(s\) \((?P<steps>\d+) steps[,)]")
-_STAMP_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (\w+) ")
+__all__ = ["RunFacts", "EvalResult", "merge_metrics", "read_run", "read_record", "read_evaluations",
+           "report_environment", "format_seconds"]
 
 
 @dataclass
@@ -51,29 +45,41 @@ class RunFacts:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     checkpoint: dict[str, Any] | None = None  # the loaded run state (model weights included)
     checkpoint_note: str = ""
-    log: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)  # WARNING lines of log.txt (first ones)
+    record: RunRecord | None = None  # run.json; None where it is missing or unusable
+    record_note: str = ""  # why there is no record, or which of its values were ignored
     evaluations: list[EvalResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
+    def warnings(self) -> list[str]:
+        """The run's first warnings, as run.json keeps them."""
+        return list(self.record.warnings) if self.record is not None else []
+
+    @property
     def steps_per_epoch(self) -> int | None:
-        return self.log.get("steps_per_epoch")
+        if self.record is not None and self.record.steps_per_epoch > 0:
+            return self.record.steps_per_epoch
+        return _steps_per_epoch_of(self.metrics)
 
     @property
     def global_step(self) -> int | None:
         if self.checkpoint is not None:
             return int(self.checkpoint.get("global_step", 0))
         steps = [r["step"] for r in self.metrics if isinstance(r.get("step"), (int, float))]
-        return int(max(steps)) if steps else None
+        if steps:
+            return int(max(steps))
+        return self.record.global_step if self.record is not None and self.record.starts else None
 
     @property
     def total_steps(self) -> int | None:
         spe = self.steps_per_epoch
-        if self.checkpoint is not None and spe:
-            return int(self.checkpoint.get("total_steps", int(self.checkpoint["epochs"]) * spe))
-        if "budget_steps" in self.log:
-            return int(self.log["budget_steps"])
+        if self.checkpoint is not None:
+            if _number(self.checkpoint.get("total_steps")) is not None:
+                return int(self.checkpoint["total_steps"])
+            if spe and _number(self.checkpoint.get("epochs")) is not None:
+                return int(self.checkpoint["epochs"]) * spe
+        if self.record is not None and self.record.total_steps > 0:
+            return self.record.total_steps
         if self.config and spe:
             return int(self.config.get("train", {}).get("epochs", 0)) * spe
         return None
@@ -84,6 +90,16 @@ class RunFacts:
         if total is None or step is None:
             return None
         return step >= total
+
+
+def _steps_per_epoch_of(metrics: list[dict[str, Any]]) -> int | None:
+    """Steps per epoch from the metrics records (each has ``epoch`` = step / steps per epoch)."""
+    for rec in reversed(metrics):
+        step, epoch = _number(rec.get("step")), _number(rec.get("epoch"))
+        if step is not None and epoch is not None and step > 0 and 0 < epoch < math.inf:
+            spe = round(step / epoch)
+            return spe if spe >= 1 else None
+    return None
 
 
 def merge_metrics(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -99,37 +115,6 @@ def merge_metrics(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         by_step.setdefault(int(step), {}).update(rec)
     return [by_step[s] for s in sorted(by_step)]
-
-
-def _read_log(path: Path) -> tuple[dict[str, Any], list[str]]:
-    facts: dict[str, Any] = {}
-    warnings: list[str] = []
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return facts, warnings
-    starts = 0
-    for line in text.splitlines():
-        m = _START_RE.search(line)
-        if m:
-            starts += 1
-            stamp = _STAMP_RE.match(line)
-            if stamp and "first_start" not in facts:
-                facts["first_start"] = stamp.group(1)
-            facts.update(version=m["version"], host=m["host"].strip(), processes=int(m["procs"]),
-                         device=m["device"], precision=m["precision"], source=m["source"],
-                         images=int(m["images"]), steps_per_epoch=int(m["spe"]), batch=int(m["batch"]),
-                         arch=m["arch"], params_millions=float(m["params"]))
-            continue
-        m = _BUDGET_RE.search(line)
-        if m:
-            facts["budget_epochs"], facts["budget_steps"] = int(m["epochs"]), int(m["steps"])
-            continue
-        stamp = _STAMP_RE.match(line)
-        if stamp and stamp.group(2) == "WARNING" and len(warnings) < 20:
-            warnings.append(line[stamp.end():].strip())
-    facts["starts"] = starts
-    return facts, warnings
 
 
 def _number(value: Any) -> float | None:
@@ -165,6 +150,60 @@ def _read_eval_file(path: Path) -> EvalResult:
     return res
 
 
+_RECORD_MISSING_TAIL = ("the training device, precision and host, the image and parameter counts, the number "
+                        "of starts and the run's warnings are not known; what this page shows comes from "
+                        "checkpoint.pt, config.yaml and metrics.jsonl")
+
+
+def _field_default(f) -> Any:
+    return f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+
+
+def _checked_value(value: Any, default: Any) -> tuple[bool, Any]:
+    """(ok, value) for one run.json value against its field's default (which gives the type)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool), value
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if isinstance(default, float) or default is None:  # None: an optional number (seconds_per_step)
+        if value is None and default is None:
+            return True, None
+        v = _number(value)
+        return v is not None and math.isfinite(v), v
+    if isinstance(default, str):
+        return isinstance(value, str), value
+    if isinstance(default, list):
+        return isinstance(value, list), [str(x) for x in value] if isinstance(value, list) else value
+    return True, value  # pragma: no cover - every field has one of the types above
+
+
+def read_record(run_dir: str | Path) -> tuple[RunRecord | None, str]:
+    """``RUN_DIR/run.json`` and a note: why it is missing or unusable, or which values were ignored.
+
+    A value of the wrong type (a hand-edited or damaged file) is replaced by the field's default
+    and named in the note, so one bad value does not cost the report the others.
+    """
+    path = Path(run_dir) / RUN_RECORD_NAME
+    if not path.exists():
+        return None, (f"{RUN_RECORD_NAME} is missing (a run folder from an older swav, or a run stopped before "
+                      f"training began): {_RECORD_MISSING_TAIL}.")
+    try:
+        record = RunRecord.load(run_dir)
+    except RunRecordError as e:
+        return None, f"{RUN_RECORD_NAME} could not be used ({e}): {_RECORD_MISSING_TAIL}."
+    bad = []
+    for f in fields(RunRecord):
+        default = _field_default(f)
+        ok, value = _checked_value(getattr(record, f.name), default)
+        if ok:
+            setattr(record, f.name, value)
+        else:
+            bad.append(f.name)
+            setattr(record, f.name, default)
+    note = (f"{RUN_RECORD_NAME}: ignored value(s) of unexpected type: {', '.join(bad)}." if bad else "")
+    return record, note
+
+
 def read_evaluations(run_dir: Path) -> list[EvalResult]:
     """Every ``RUN_DIR/eval/*.json``, sorted by file name."""
     folder = Path(run_dir) / "eval"
@@ -182,7 +221,8 @@ def read_run(run_dir: str | Path, *, load_checkpoint: bool = True) -> RunFacts:
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {str(run)!r} does not exist")
-    markers = ("config.yaml", CHECKPOINT_NAME, "metrics.jsonl", "log.txt")
+    # log.txt only marks a run folder (its first lines are written before anything else); it is not read
+    markers = ("config.yaml", CHECKPOINT_NAME, "metrics.jsonl", RUN_RECORD_NAME, "log.txt")
     if not any((run / m).exists() for m in markers):
         raise FileNotFoundError(f"{str(run)!r} is not a swav run folder: it holds none of {', '.join(markers)}")
     facts = RunFacts(run_dir=run)
@@ -209,7 +249,7 @@ def read_run(run_dir: str | Path, *, load_checkpoint: bool = True) -> RunFacts:
             facts.metrics = merge_metrics(read_metrics(run / "metrics.jsonl"))
         except (OSError, ValueError) as e:
             facts.notes.append(f"metrics.jsonl could not be read: {e}")
-    facts.log, facts.warnings = _read_log(run / "log.txt")
+    facts.record, facts.record_note = read_record(run)
     facts.evaluations = read_evaluations(run)
     return facts
 

@@ -1,59 +1,33 @@
-"""What every evaluation shares: which data, how images become model inputs, how features are
-extracted (skipping unusable files with a warning), and how results are written.
-
-Result files (read by the HTML report): one JSON object per command::
-
-    {"command": "swav eval knn runs/fm", "metrics": {"knn_top1@20": 85.1, ...},
-     "init_metrics": {...same names...},            # only when the initial network was evaluated
-     "dataset": "fashion-mnist", "checkpoint": "/abs/runs/fm/checkpoint.pt",
-     "seconds": 12.3, "version": "0.1.0"}
-
-written to ``RUN_DIR/eval/<name>.json`` for a run checkpoint, else ``./<name>.json``; ``--out``
-(a ``.json`` file or a folder) overrides both.
-"""
+"""The one path from a labelled split to frozen features, for the kNN monitor of a training run,
+the ``swav eval`` commands and the report: which data, how its images become model inputs (the
+evaluation transform), and extraction that skips unusable files with a warning."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
-from swav import __version__
+from swav.data.builtin import BUILTINS
 from swav.data.datasets import EmptyDatasetError, FileListDataset, ImageFilesDataset, IMAGE_EXTENSIONS
 from swav.data.loader import Batch, EpochLoader
 from swav.data.multicrop import EvalTransform
 from swav.eval.features import extract_features
 
-__all__ = ["EvalData", "eval_data_for", "resolve_device", "BatchStream", "extract", "files_dataset",
-           "result_path", "make_record", "write_result", "format_table", "num_classes_of", "Timer",
-           "IMAGENET_MEAN", "IMAGENET_STD", "BUILTIN_STATS"]
+__all__ = ["EvalData", "eval_data_for", "BatchStream", "extract", "files_dataset", "num_classes_of",
+           "progress_printer", "knn_of_backbone", "IMAGENET_MEAN", "IMAGENET_STD", "BUILTIN_STATS"]
 
 log = logging.getLogger("swav")
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.228, 0.224, 0.225]
 #: per-channel mean / std of the built-in data sets (used for released weights, which carry no config)
-BUILTIN_STATS = {
-    "fashion-mnist": ([0.2860], [0.3530]),
-    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
-    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
-    "stl10": ([0.4467, 0.4398, 0.4066], [0.2603, 0.2566, 0.2713]),
-}
-
-
-def resolve_device(spec: str | None) -> torch.device:
-    if spec in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {spec} but no CUDA GPU is visible; use --device cpu")
-    return dev
+BUILTIN_STATS = {name: (list(b.mean), list(b.std)) for name, b in BUILTINS.items()}
 
 
 def _fit_channels(values, in_chans: int) -> list[float]:
@@ -105,14 +79,44 @@ class EvalData:
     def crop_size(self, dataset) -> int:
         if self.size:
             return int(self.size)
-        if hasattr(dataset, "get_batch"):  # in-memory built-in of one image size
+        if dataset.in_memory:  # in-memory built-in of one image size
             return int(dataset.images.shape[-1])
         return 224
 
     def transform(self, dataset) -> EvalTransform:
         """Resize + centre crop for image files; the native size for fixed-size built-ins."""
-        fixed = hasattr(dataset, "get_batch")
+        fixed = dataset.in_memory
         return EvalTransform(self.crop_size(dataset), self.mean, self.std, resize=not fixed)
+
+    @classmethod
+    def from_config(cls, cfg, *, source: str | None = None, root: str | None = None, size: int | None = None,
+                    workers: int | None = None, download: bool | None = None, batch_size: int = 256) -> "EvalData":
+        """The evaluation data of a run's config: its source (or ``source``), image settings and the
+        large crops' size, the normalisation it trained with."""
+        a, d = cfg.augment, cfg.data
+        return cls(source=source or d.source, root=root if root is not None else d.root, in_chans=cfg.model.in_chans,
+                   size=size or a.size_crops[0], mean=_fit_channels(a.mean, cfg.model.in_chans),
+                   std=_fit_channels(a.std, cfg.model.in_chans), workers=d.workers if workers is None else workers,
+                   download=d.download if download is None else download, min_size=d.min_size,
+                   max_side=d.max_side, batch_size=batch_size)
+
+    def batches(self, dataset, indices: np.ndarray, batch_size: int | None = None):
+        """The non-empty batches of ``dataset[indices]``, in the order given."""
+        from swav.data.loader import pad_collate
+
+        bs = batch_size or self.batch_size
+        if dataset.in_memory:
+            for start in range(0, len(indices), bs):
+                yield dataset.get_batch(torch.as_tensor(indices[start:start + bs], dtype=torch.int64))
+            return
+        import functools
+
+        sub = torch.utils.data.Subset(dataset, [int(i) for i in indices])
+        loader = torch.utils.data.DataLoader(sub, batch_size=bs, shuffle=False, num_workers=self.workers,
+                                             collate_fn=functools.partial(pad_collate, channels=dataset.in_chans))
+        for batch in loader:
+            if len(batch):  # else every file of this batch was unusable
+                yield batch
 
     def loader(self, dataset, batch_size: int | None = None) -> EpochLoader:
         bs = min(batch_size or self.batch_size, len(dataset))
@@ -125,13 +129,7 @@ def eval_data_for(loaded, data: str | None = None, root: str | None = None, size
     names another source. Released files carry no data source, so they need ``data``."""
     cfg = loaded.config
     if cfg is not None:
-        a = cfg.augment
-        return EvalData(
-            source=data or cfg.data.source, root=root if root is not None else cfg.data.root,
-            in_chans=cfg.model.in_chans, size=size or a.size_crops[0],
-            mean=_fit_channels(a.mean, cfg.model.in_chans), std=_fit_channels(a.std, cfg.model.in_chans),
-            workers=cfg.data.workers if workers is None else workers, download=cfg.data.download,
-            min_size=cfg.data.min_size, max_side=cfg.data.max_side, batch_size=batch_size)
+        return EvalData.from_config(cfg, source=data, root=root, size=size, workers=workers, batch_size=batch_size)
     if not data:
         raise ValueError(f"{loaded.path} is {'an official SwAV' if loaded.kind == 'official' else 'a torchvision-layout'} file: it does not say which data it was trained "
                          "on, so give --data (a built-in name, a folder or a file list)")
@@ -150,12 +148,12 @@ def files_dataset(source: str, in_chans: int, *, root: str | None = None, split:
     """Every image of a folder (recursively, any layout, sorted paths), a file list, or a built-in
     split: the input of ``swav embed`` and ``swav cluster``."""
     from swav.data import builtin
-    from swav.data.datasets import _scan_images, build_dataset
+    from swav.data.datasets import scan_images, build_dataset
 
     if builtin.canonical_name(source) is not None:
         return build_dataset(source, split, in_chans=in_chans, root=root)
     if os.path.isdir(source):
-        paths = _scan_images(os.fspath(source), IMAGE_EXTENSIONS)
+        paths = scan_images(os.fspath(source), IMAGE_EXTENSIONS)
         if not paths:
             raise EmptyDatasetError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) below folder {source!r}")
         return ImageFilesDataset(paths, None, None, in_chans, min_size, max_side, name=os.fspath(source))
@@ -227,89 +225,15 @@ def num_classes_of(*label_tensors: torch.Tensor, dataset=None) -> int:
     return max(n, len(classes)) if classes else n
 
 
-class Timer:
-    def __init__(self):
-        self.t0 = time.perf_counter()
 
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
+def knn_of_backbone(backbone: torch.nn.Module, data: EvalData, device, max_train: int = 0, k: int = 20,
+                    ks=None) -> dict:
+    """Weighted kNN top-1/top-5 of ``backbone``'s frozen features: the train split (its first
+    ``max_train`` images, 0 = all) as memory, the test split as queries. The kNN monitor of a run."""
+    from swav.eval.knn import knn_accuracy
 
-
-# --------------------------------------------------------------------------------------
-# results
-# --------------------------------------------------------------------------------------
-
-def result_path(loaded, name: str, out: str | os.PathLike | None = None) -> Path:
-    """``--out`` (a .json file, or a folder to put ``<name>.json`` in); else ``RUN_DIR/eval/`` for a
-    run checkpoint; else the current folder."""
-    if out is not None:
-        out = Path(out)
-        return out if out.suffix == ".json" else out / f"{name}.json"
-    if loaded.run_dir is not None:
-        return loaded.run_dir / "eval" / f"{name}.json"
-    return Path.cwd() / f"{name}.json"
-
-
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, torch.Tensor):
-        return _clean(x.item())
-    return x
-
-
-def make_record(command: str, metrics: dict, init_metrics: dict | None, dataset: str, checkpoint,
-                seconds: float) -> dict:
-    rec = {"command": command,
-           "metrics": {k: _clean(float(v)) for k, v in metrics.items()}}
-    if init_metrics is not None:
-        rec["init_metrics"] = {k: _clean(float(v)) for k, v in init_metrics.items()}
-    rec.update({"dataset": str(dataset), "checkpoint": str(Path(checkpoint).resolve()),
-                "seconds": round(float(seconds), 3), "version": __version__})
-    return rec
-
-
-def write_result(record: dict, path: Path) -> Path:
-    """Write ``record`` as JSON atomically (a temporary file renamed over ``path``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def _fmt(v, unit: str = "") -> str:
-    if v is None:
-        return "-"
-    v = float(v)
-    if unit == "count" and v.is_integer():
-        return f"{int(v)}"
-    return f"{v:.2f}" if abs(v) >= 1 or unit == "%" or v == 0 else f"{v:.4f}"
-
-
-def format_table(title: str, metrics: dict, init_metrics: dict | None = None, units: dict | None = None) -> str:
-    """A plain-text table: one row per metric, the pretrained value and (when given) the value at
-    initialisation and the difference."""
-    units = units or {}
-    names = list(metrics)
-    w = max([len(n) + 6 for n in names] + [len("metric")])
-    head = f"{'metric':<{w}} {'pretrained':>11}"
-    if init_metrics is not None:
-        head += f" {'at init':>11} {'gain':>9}"
-    lines = [title, head, "-" * len(head)]
-    for n in names:
-        u = units.get(n) or ("%" if "top1" in n or "top5" in n else "")
-        label = n + (f" ({u})" if u else "")
-        row = f"{label:<{w}} {_fmt(metrics[n], u):>11}"
-        if init_metrics is not None:
-            iv = init_metrics.get(n)
-            gain = None if iv is None else float(metrics[n]) - float(iv)
-            row += f" {_fmt(iv, u):>11} {('+' if gain is not None and gain >= 0 else '') + _fmt(gain, u):>9}"
-        lines.append(row)
-    return "\n".join(lines)
-
-
-def iter_chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
-    for s in range(0, n, size):
-        yield s, min(n, s + size)
+    train_set, test_set = data.labelled("train", max_train), data.labelled("test")
+    ftr, ltr, _ = extract(backbone, data, train_set, device, "kNN memory", progress=False)
+    fte, lte, _ = extract(backbone, data, test_set, device, "kNN queries", progress=False)
+    num_classes = int(max(ltr.max(), lte.max())) + 1
+    return knn_accuracy(ftr, ltr, fte, lte, num_classes, ks=ks or (k,))

@@ -1,0 +1,112 @@
+"""The named presets: nested overrides of the schema defaults, one per recipe, with a one-line
+description each (edit the numbers here)."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from swav.config.schema import ConfigError
+from swav.data.builtin import BUILTINS  # the one table of built-ins: their mean/std
+
+
+_FMNIST_MEAN, _FMNIST_STD = list(BUILTINS["fashion-mnist"].mean), list(BUILTINS["fashion-mnist"].std)
+_CIFAR10_MEAN, _CIFAR10_STD = list(BUILTINS["cifar10"].mean), list(BUILTINS["cifar10"].std)
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Official swav_800ep_pretrain.sh: 64 GPUs x 64 = 4096. The script passes
+    # --queue_length 3840, but the official code rounds it down to a multiple of the global
+    # batch (3840 % 4096 -> 0), so the queue is effectively off at this batch size.
+    "imagenet": {
+        "data": {"source": "data/imagenet/train", "workers": 10},
+        "model": {"arch": "resnet50", "hidden_mlp": 2048, "feat_dim": 128,
+                  "nmb_prototypes": 3000},
+        "swav": {"queue_length": 0, "epoch_queue_starts": 15, "freeze_prototypes_epochs": 1.0},
+        "optim": {"optimizer": "lars", "lr": 4.8, "final_lr": 0.0048, "warmup_epochs": 10.0,
+                  "start_warmup": 0.3},
+        "train": {"epochs": 800, "batch_size": 4096, "precision": "fp16"},
+    },
+    # Official swav_200ep_bs256_pretrain.sh (8 GPUs x 32).
+    "imagenet-bs256": {
+        "data": {"source": "data/imagenet/train", "workers": 10},
+        "model": {"arch": "resnet50"},
+        "swav": {"queue_length": 3840, "epoch_queue_starts": 15, "freeze_prototypes_epochs": 1.0},
+        "optim": {"optimizer": "lars", "lr": 0.6, "final_lr": 0.0006, "warmup_epochs": 0.0,
+                  "start_warmup": 0.0},
+        "train": {"epochs": 200, "batch_size": 256, "precision": "fp16"},
+    },
+    "cifar": {
+        "data": {"source": "cifar10"},
+        "augment": {"size_crops": [32, 16], "nmb_crops": [2, 4],
+                    "min_scale_crops": [0.2, 0.08], "max_scale_crops": [1.0, 0.2],
+                    "jitter_strength": 0.5, "blur_prob": 0.0,
+                    "mean": _CIFAR10_MEAN, "std": _CIFAR10_STD},
+        "model": {"arch": "resnet18", "small_stem": True, "hidden_mlp": 2048, "feat_dim": 128,
+                  "nmb_prototypes": 3000},
+        "swav": {"queue_length": 3840, "epoch_queue_starts": 50, "freeze_prototypes_epochs": 2.0},
+        "optim": {"optimizer": "lars", "lr": 0.6, "final_lr": 0.0006, "warmup_epochs": 10.0,
+                  "start_warmup": 0.0},
+        "train": {"epochs": 500, "batch_size": 256},
+    },
+    "fashion-mnist": {
+        # Tuned for a 10-minute CPU budget (bench/quality.py, docs/benchmarks.md): at equal images
+        # seen, small batches (more updates) and a high LARS lr learn fastest; freezing the
+        # prototypes or warming up for a whole epoch wastes most of such a short run; bf16
+        # (precision auto) and channels_last make the CPU step 2.2x faster than fp32 NCHW.
+        # Tried and not better within 10 minutes: 2x28+6x16 crops, 20/12 px crops, K = 30, AdamW,
+        # a queue from the start; tau 0.07/0.2 and epsilon 0.03/0.08 are clearly worse.
+        # The final kNN uses all 60k training images as its memory, as `swav eval knn` does.
+        "data": {"source": "fashion-mnist", "workers": 0},
+        "augment": {"size_crops": [28, 16], "nmb_crops": [2, 4],
+                    "min_scale_crops": [0.3, 0.1], "max_scale_crops": [1.0, 0.3],
+                    "jitter_strength": 0.5, "grayscale_prob": 0.0, "blur_prob": 0.0,
+                    "mean": _FMNIST_MEAN, "std": _FMNIST_STD},
+        "model": {"arch": "resnet18", "in_chans": 1, "small_stem": True, "width_per_group": 16,
+                  "hidden_mlp": 512, "feat_dim": 128, "nmb_prototypes": 100},
+        "swav": {"queue_length": 0, "freeze_prototypes_epochs": 0.1},
+        "optim": {"optimizer": "lars", "lr": 4.8, "final_lr": 0.0048, "warmup_epochs": 0.2,
+                  "start_warmup": 0.0},
+        "train": {"epochs": 100, "batch_size": 64, "time_budget_minutes": 10.0,
+                  "final_knn": True, "knn_max_train": 0,
+                  "precision": "auto", "channels_last": True},
+    },
+    "smoke": {
+        "data": {"source": "fashion-mnist", "subset": 512, "workers": 0},
+        "augment": {"size_crops": [28, 16], "nmb_crops": [2, 2],
+                    "min_scale_crops": [0.3, 0.1], "max_scale_crops": [1.0, 0.3],
+                    "grayscale_prob": 0.0, "blur_prob": 0.0,
+                    "mean": _FMNIST_MEAN, "std": _FMNIST_STD},
+        "model": {"arch": "resnet18", "in_chans": 1, "small_stem": True, "width_per_group": 8,
+                  "hidden_mlp": 32, "feat_dim": 16, "nmb_prototypes": 20},
+        "swav": {"queue_length": 0, "freeze_prototypes_epochs": 0.0},
+        "optim": {"optimizer": "lars", "lr": 0.3, "final_lr": 0.0003, "warmup_epochs": 0.0,
+                  "start_warmup": 0.0},
+        "train": {"epochs": 2, "batch_size": 64, "log_every": 1, "precision": "fp32"},
+    },
+}
+
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "imagenet": "official 800-epoch ImageNet recipe: ResNet-50, batch 4096, LARS lr 4.8, "
+                "2x224+6x96 crops, fp16 (set data.source to your ImageNet train folder)",
+    "imagenet-bs256": "official 200-epoch batch-256 ImageNet recipe: LARS lr 0.6, queue 3840 "
+                      "from epoch 15, fp16 (set data.source to your ImageNet train folder)",
+    "cifar": "CIFAR-10, ResNet-18 small stem, 2x32+4x16 crops, batch 256, queue 3840 from "
+             "epoch 50, 500 epochs",
+    "fashion-mnist": "Fashion-MNIST on one CPU or GPU in about 10 minutes: narrow ResNet-18, "
+                     "2x28+4x16 crops, 100 prototypes, batch 64, LARS lr 4.8, bf16 where native, "
+                     "channels_last",
+    "smoke": "tiny end-to-end check (512 Fashion-MNIST images, 2 epochs, seconds on a CPU)",
+}
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """``[(name, one-line description), ...]`` for every preset."""
+    return [(name, PRESET_DESCRIPTIONS.get(name, "")) for name in PRESETS]
+
+
+def preset_overrides(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}{hint} Available: {', '.join(PRESETS)}")
+    return PRESETS[name]

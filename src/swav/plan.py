@@ -1,0 +1,76 @@
+"""The step plan of a run: how many steps, the learning rate of each, how long prototypes stay
+frozen, and fitting all of it to a time budget once the speed of a step is known."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from swav.config import Config
+from swav.optim import cosine_schedule
+
+__all__ = ["StepPlan", "CALIBRATION_STEPS"]
+
+CALIBRATION_STEPS = 8  # steps timed (after 2 warm-up steps) before a time budget is fitted
+
+
+@dataclass
+class StepPlan:
+    """Steps of a run. ``total_steps`` may end inside an epoch (a time budget cuts the last one
+    short); ``epochs`` counts that cut-short epoch."""
+
+    cfg: Config
+    steps_per_epoch: int
+    total_steps: int
+    budget_fitted: bool
+    schedule: np.ndarray = field(init=False, repr=False)
+    freeze_steps: int = field(init=False)
+
+    def __post_init__(self):
+        self._derive()
+
+    @classmethod
+    def start(cls, cfg: Config, steps_per_epoch: int) -> "StepPlan":
+        """A new run: ``train.epochs`` whole epochs, to be fitted when there is a time budget."""
+        return cls(cfg, steps_per_epoch, cfg.train.epochs * steps_per_epoch,
+                   budget_fitted=cfg.train.time_budget_minutes <= 0)
+
+    @property
+    def epochs(self) -> int:
+        return -(-self.total_steps // self.steps_per_epoch)  # the last one may be cut short
+
+    def lr(self, step: int) -> float:
+        return float(self.schedule[step])
+
+    def freezes_prototypes(self, step: int) -> bool:
+        return step < self.freeze_steps
+
+    def steps_for_budget(self, seconds_per_step: float) -> int:
+        """Optimisation steps that fit ``train.time_budget_minutes`` at the measured speed: at least
+        one whole epoch, at most ``train.epochs``; the last epoch may be cut short, so a recipe whose
+        epoch takes a third of the budget still trains for the whole budget (not two thirds of it)."""
+        budget = self.cfg.train.time_budget_minutes * 60.0
+        fitted = int(budget // max(seconds_per_step, 1e-9))
+        spe = self.steps_per_epoch
+        return max(spe, min(self.cfg.train.epochs * spe, fitted))
+
+    def fit(self, seconds_per_step: float, agree: Callable[[int], int] = lambda n: n) -> None:
+        """Fit the plan to the time budget; ``agree`` makes every rank take rank 0's count."""
+        self.total_steps = agree(self.steps_for_budget(seconds_per_step))
+        self.budget_fitted = True
+        self._derive()
+
+    # ---- derived -----------------------------------------------------------------------
+    def _stretch(self) -> float:
+        """Fraction of the configured length that is trained: 1 without a time budget. When a budget
+        fits fewer steps, warmup and prototype freezing shrink in proportion (the recipe's shape is
+        kept; a 1-epoch warmup in a 2-epoch run would leave no time to learn)."""
+        return min(1.0, self.total_steps / (self.cfg.train.epochs * self.steps_per_epoch))
+
+    def _derive(self) -> None:
+        o, spe = self.cfg.optim, self.steps_per_epoch
+        epochs = self.total_steps / spe  # fractional when a budget cuts the last epoch short
+        warmup = min(o.warmup_epochs * self._stretch(), epochs)
+        self.schedule = cosine_schedule(o.lr, o.final_lr, epochs, spe, warmup, o.start_warmup)
+        self.freeze_steps = int(round(self.cfg.swav.freeze_prototypes_epochs * self._stretch() * spe))

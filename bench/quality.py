@@ -85,13 +85,14 @@ def run_variant(name: str, settings: list[str], args) -> dict:
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = res.seconds
-    k = cfg.train.knn_k
     row = {"name": name, "preset": args.preset, "settings": settings + list(args.set), "minutes": args.minutes,
            "epochs": res.epochs, "steps": res.global_step, "train_and_knn_seconds": train_s, "last_loss": res.last_loss,
            "threads": torch.get_num_threads()}
-    if res.knn:
-        row["knn_top1"] = res.knn["learned"][f"knn_top1@{k}"]
-        row["knn_init_top1"] = res.knn["init"][f"knn_top1@{k}"]
+    if res.final is not None:
+        row["knn_top1"] = res.final.knn["learned"]
+        row["knn_init_top1"] = res.final.knn["init"]
+        row["knn_pixels_top1"] = res.final.knn["pixels"]
+        row.update({f"final_linear_{s}": v for s, v in res.final.linear.items()})
     if not args.no_linear:
         from swav.checkpoint import load_run_state
         state = load_run_state(out / "checkpoint.pt")

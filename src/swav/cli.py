@@ -90,13 +90,9 @@ def _cmd_pretrain(args) -> int:
                                               "retry with 'swav report %s'", type(e).__name__, e, result.out_dir)
     print(f"run folder: {result.out_dir} ({result.global_step} steps, {result.epochs} epochs, "
           f"{result.seconds / 60:.1f} min)")
-    if result.knn:
-        k = cfg.train.knn_k
-        key = f"knn_top1@{k}"
-        learned, init = result.knn["learned"][key], result.knn["init"][key]
-        print(f"kNN top-1 (k={k}) on the {cfg.data.source} test set:")
-        print(f"  learned backbone          {learned:6.2f} %")
-        print(f"  same backbone at init     {init:6.2f} %")
+    if result.final is not None:
+        print(result.final.table(str(cfg.data.source)))
+        print(f"(saved in {result.out_dir / 'eval' / 'final.json'})")
     return 0
 
 

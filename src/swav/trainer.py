@@ -30,7 +30,9 @@ from swav.data.datasets import build_dataset
 from swav.data.loader import EpochLoader
 from swav.data.multicrop import slice_params
 from swav.device import check_precision, device_name, device_type_of, pick_device, resolve_precision
+from swav.eval.compare import Comparison, compare_features
 from swav.eval.data import EvalData, knn_of_backbone
+from swav.eval.results import make_record, write_result
 from swav.monitor import CollapseWatch, MetricsWriter, NaNGuard, ProgressBar, assignment_stats, setup_logging
 from swav.plan import CALIBRATION_STEPS, StepPlan
 from swav.runrecord import RunRecord
@@ -50,7 +52,7 @@ class RunResult:
     global_step: int
     last_loss: float
     seconds: float
-    knn: dict | None = None  # {"learned": {...}, "init": {...}} when train.final_knn
+    final: Comparison | None = None  # learned vs init vs raw pixels (kNN, linear) when train.final_knn
     stopped_by_signal: bool = False
     is_main: bool = True  # this process is rank 0 (prints and writes the report)
 
@@ -238,7 +240,8 @@ def _describe(state: RunState, dataset, device: torch.device, precision: str) ->
     cfg, r, spe = state.cfg, state.record, state.plan.steps_per_epoch
     n_params = sum(p.numel() for p in state.learner.raw_model.parameters())
     crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.augment.nmb_crops, cfg.augment.size_crops))
-    r.version, r.torch, r.python, r.host = __version__, torch.__version__, platform.python_version(), socket.gethostname()
+    r.version, r.torch, r.python = __version__, torch.__version__, platform.python_version()
+    r.host = socket.gethostname()
     r.device, r.device_name, r.precision, r.world_size = str(device), device_name(device), precision, state.world
     r.data_source, r.images, r.global_batch = str(cfg.data.source), len(dataset), cfg.train.batch_size
     r.steps_per_epoch, r.arch, r.parameters, r.crops = spe, cfg.model.arch, n_params, crops
@@ -310,9 +313,11 @@ def _step(run: _Run, batch, it: int, sig: _SignalFlag):
         keep = torch.isin(rank_idx, batch.indices)
         params = {k: v[keep] for k, v in params.items()}
     params = {k: v.to(L.device, non_blocking=True) for k, v in params.items()}
-    outcome = swav_step.train_step(L, batch.images.to(L.device, non_blocking=True), batch.sizes.to(L.device, non_blocking=True),
-                         params, run.plan.lr(state.step), freeze_prototypes=run.plan.freezes_prototypes(state.step),
-                         signalled=sig.raised is not None, skipped_files=len(batch.skipped))
+    images = batch.images.to(L.device, non_blocking=True)
+    sizes = batch.sizes.to(L.device, non_blocking=True)
+    outcome = swav_step.train_step(L, images, sizes, params, run.plan.lr(state.step),
+                                   freeze_prototypes=run.plan.freezes_prototypes(state.step),
+                                   signalled=sig.raised is not None, skipped_files=len(batch.skipped))
     if not outcome.applied:
         log.warning("step %d: non-finite %s, step skipped and undone (%d in a row)", state.step,
                     " and ".join(outcome.causes) or ("gradients" if run.world == 1 else "gradients or a value "
@@ -374,23 +379,41 @@ def _end_of_epoch_or_stop(run: _Run, epoch_done: bool) -> None:
         log.info("online kNN: %s", res)
 
 
+FINAL_NAME = "final"  # RUN/eval/final.json: the closing comparison
+
+
+def _final_comparison(run: _Run) -> Comparison:
+    """Learned backbone, the same network at initialisation and the raw pixels under one protocol
+    (kNN and a linear probe on frozen features), saved as RUN/eval/final.json and in metrics.jsonl."""
+    cfg, state, device = run.cfg, run.state, run.learner.device
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    init = build_model(cfg).backbone.to(device)
+    c = compare_features(run.learner.raw_model.backbone, init, run.eval_data, device, k=cfg.train.knn_k,
+                         max_train=cfg.train.knn_max_train, linear_epochs=cfg.train.final_linear_epochs,
+                         seed=cfg.train.seed)
+    knn, lin = f"knn_top1@{c.k}", "linear_top1"
+    pick = {s: {knn: c.knn[s], **({lin: c.linear[s]} if s in c.linear else {})} for s in c.knn}
+    record = make_record(f"swav pretrain (final comparison, train.final_knn: kNN k={c.k}, linear probe "
+                         f"{c.linear_epochs} epochs on frozen features)", pick["learned"], pick["init"],
+                         f"{cfg.data.source} test split", state.path, time.perf_counter() - t0)
+    record.update(baseline="raw pixels", baseline_metrics=pick["pixels"], verdict=c.verdict)
+    write_result(record, state.out / "eval" / f"{FINAL_NAME}.json")
+    run.metrics.write(state.step, **{f"final_{k}": v for k, v in pick["learned"].items()},
+                      **{f"init_{k}": v for k, v in pick["init"].items()},
+                      **{f"pixels_{k}": v for k, v in pick["pixels"].items()})
+    return c
+
+
 def _finish(run: _Run, t_start: float) -> RunResult:
-    """The final kNN (learned and at initialisation) of a finished run, then the result."""
+    """The final comparison of a finished run, then the result."""
     cfg, state = run.cfg, run.state
-    knn = None
+    final = None
     finished = state.step >= run.plan.total_steps
     if finished and cfg.train.final_knn and dist_utils.is_main():
-        device = run.learner.device
-        learned = knn_of_backbone(run.learner.raw_model.backbone, run.eval_data, device, cfg.train.knn_max_train,
-                                  cfg.train.knn_k)
-        torch.manual_seed(cfg.train.seed)
-        init = knn_of_backbone(build_model(cfg).backbone.to(device), run.eval_data, device, cfg.train.knn_max_train,
-                               cfg.train.knn_k)
-        knn = {"learned": learned, "init": init}
-        run.metrics.write(state.step, **{f"final_{k}": v for k, v in learned.items() if isinstance(v, float)},
-                          **{f"init_{k}": v for k, v in init.items() if isinstance(v, float)})
+        final = _final_comparison(run)
     run.metrics.close()
     state.save_record(finished=finished, stopped_by_signal=run.stopped_by_signal)
     dist_utils.barrier()
-    return RunResult(state.out, run.plan.epochs, state.step, run.last_loss, time.time() - t_start, knn,
+    return RunResult(state.out, run.plan.epochs, state.step, run.last_loss, time.time() - t_start, final,
                      run.stopped_by_signal, is_main=dist_utils.is_main())

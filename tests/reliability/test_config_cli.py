@@ -72,6 +72,7 @@ BAD_VALUES = {
     "train.compile": ["yes please"],
     "train.knn_every": ["-1"],
     "train.knn_k": ["0"],
+    "train.final_linear_epochs": ["-1"],
     "train.final_knn": ["maybe"],
 }
 if not torch.cuda.is_available():

@@ -48,7 +48,7 @@ def finished_run(tmp_path_factory, fake_fmnist) -> Path:
     out = tmp_path_factory.mktemp("report-run")
     torch.manual_seed(0)
     train(smoke_config(out, fake_fmnist, "train.final_knn=true"))
-    (out / "eval").mkdir()
+    (out / "eval").mkdir(exist_ok=True)  # the run wrote eval/final.json (its closing comparison)
     for name, content in EVAL_FILES.items():
         (out / "eval" / name).write_text(json.dumps(content))
     (out / "eval" / "broken.json").write_text("{not json")

@@ -14,7 +14,7 @@ from swav.config.schema import TOP_LEVEL, FIELD_TYPES, SECTIONS, Config, type_na
 RESUME_FREE_FIELDS: frozenset[str] = frozenset({
     "out", "preset", "data.workers", "data.root", "train.device", "train.log_every",
     "train.knn_every", "train.save_every_steps", "train.checkpoint_every",
-    "train.knn_max_train", "train.final_knn",
+    "train.knn_max_train", "train.final_knn", "train.final_linear_epochs",
 })
 
 

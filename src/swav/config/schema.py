@@ -187,8 +187,11 @@ class TrainConfig:
     knn_k: int = _f(20, "neighbours k of the kNN monitor (20 is customary)")
     knn_max_train: int = _f(0, "use at most this many training images as the kNN memory (0 = all); "
                                "10000 keeps the monitor to seconds on a CPU")
-    final_knn: bool = _f(False, "at the end, print the kNN accuracy of the learned backbone next to the "
-                                "same backbone at initialisation (labelled built-in sources)")
+    final_knn: bool = _f(False, "at the end, compare the learned backbone with the same network at "
+                                "initialisation and with the raw pixels: kNN and a linear probe on frozen "
+                                "features, printed and saved in RUN/eval/final.json (labelled sources)")
+    final_linear_epochs: int = _f(30, "epochs of the final comparison's linear probe (frozen, standardised "
+                                      "features; 0 = kNN only); 30 take seconds on a CPU")
 
 
 @dataclass

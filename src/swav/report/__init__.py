@@ -216,12 +216,12 @@ def _diagnostics(facts: RunFacts, cfg) -> list[str]:
 def _eval_rows(facts: RunFacts, cfg) -> tuple[list[dict[str, Any]], list[str]]:
     rows, notes = [], []
     final = next((r for r in reversed(facts.metrics) if any(k.startswith("final_") for k in r)), None)
-    if final is not None:
+    if final is not None and not any(ev.baseline_metrics for ev in facts.evaluations):  # older runs: no eval/final.json
         names = [k[len("final_"):] for k in final if k.startswith("final_")]
         rows.append({
             "command": "swav pretrain (train.final_knn: kNN at the end of training)",
             "dataset": f"{cfg.data.source} test split" if cfg is not None else "",
-            "metrics": [(n, final.get(f"final_{n}"), final.get(f"init_{n}")) for n in names],
+            "metrics": [(n, final.get(f"final_{n}"), final.get(f"init_{n}"), final.get(f"pixels_{n}")) for n in names],
             "time": "", "source": "metrics.jsonl"})
     for ev in facts.evaluations:
         if ev.error:
@@ -231,8 +231,8 @@ def _eval_rows(facts: RunFacts, cfg) -> tuple[list[dict[str, Any]], list[str]]:
         names = list(ev.metrics) + [n for n in ev.init_metrics if n not in ev.metrics]
         rows.append({
             "command": ev.command or f"(command not recorded in eval/{ev.file})",
-            "dataset": ev.dataset,
-            "metrics": [(n, ev.metrics.get(n), ev.init_metrics.get(n)) for n in names],
+            "dataset": ev.dataset, "baseline": ev.baseline, "verdict": ev.verdict,
+            "metrics": [(n, ev.metrics.get(n), ev.init_metrics.get(n), ev.baseline_metrics.get(n)) for n in names],
             "time": format_seconds(ev.seconds) if ev.seconds is not None else "",
             "source": f"eval/{ev.file}" + (f" (swav {ev.version})" if ev.version else "")})
     return rows, notes

@@ -84,7 +84,7 @@ class Page:
     gallery_notes: list[str] = field(default_factory=list)
     map_figure: Any = None
     map_notes: list[str] = field(default_factory=list)
-    eval_rows: list[dict[str, Any]] = field(default_factory=list)  # command, dataset, metrics[(name, v, init)], ...
+    eval_rows: list[dict[str, Any]] = field(default_factory=list)  # command, dataset, metrics[(name, v, init, baseline)], verdict, ...
     eval_notes: list[str] = field(default_factory=list)
     config_yaml: str = ""
     config_source: str = ""
@@ -159,23 +159,25 @@ def _eval_section(p: Page) -> str:
                                         "<code>swav report</code> again to include them.</p>")
         return _section("evaluations", inner)
     head = ("<tr><th>command</th><th>data</th><th>metric</th><th>learned</th><th>at init</th>"
-            "<th>time</th><th>source</th></tr>")
-    body = []
+            "<th>raw pixels</th><th>time</th><th>source</th></tr>")
+    body, verdicts = [], []
     for r in p.eval_rows:
-        metrics = r["metrics"] or [("(none)", None, None)]
+        metrics = r["metrics"] or [("(none)", None, None, None)]
         n = len(metrics)
-        for j, (name, value, init) in enumerate(metrics):
+        if r.get("verdict"):
+            verdicts.append(f'<p class="verdict"><b>{_e(r["command"])}</b>: {_e(r["verdict"])}</p>')
+        for j, (name, value, init, baseline) in enumerate(metrics):
             cells = []
             if j == 0:
                 span = f' rowspan="{n}"' if n > 1 else ""
                 cells.append(f"<td{span}><code>{_e(r['command'])}</code></td><td{span}>{_e(r.get('dataset', ''))}</td>")
             cells.append(f'<td>{_e(name)}</td><td class="num">{fmt_number(value)}</td>'
-                         f'<td class="num">{fmt_number(init)}</td>')
+                         f'<td class="num">{fmt_number(init)}</td><td class="num">{fmt_number(baseline)}</td>')
             if j == 0:
                 cells.append(f"<td{span}>{_e(r.get('time', ''))}</td><td{span}>{_e(r.get('source', ''))}</td>")
             body.append("<tr>" + "".join(cells) + "</tr>")
     table = f'<table id="eval-table">{head}{"".join(body)}</table>'
-    return _section("evaluations", _notes(p.eval_notes) + table)
+    return _section("evaluations", _notes(p.eval_notes) + "".join(verdicts) + table)
 
 
 def _config_section(p: Page) -> str:

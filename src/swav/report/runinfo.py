@@ -28,6 +28,9 @@ class EvalResult:
     command: str = ""
     metrics: dict[str, float | None] = field(default_factory=dict)  # None: written as null (non-finite)
     init_metrics: dict[str, float | None] = field(default_factory=dict)
+    baseline: str = ""  # what baseline_metrics measured (the final comparison: "raw pixels")
+    baseline_metrics: dict[str, float | None] = field(default_factory=dict)
+    verdict: str = ""
     dataset: str = ""
     checkpoint: str = ""
     seconds: float | None = None
@@ -134,13 +137,16 @@ def _read_eval_file(path: Path) -> EvalResult:
         res.error = f"expected a JSON object, found {type(data).__name__}"
         return res
     res.command = str(data.get("command", ""))
-    for key, target in (("metrics", res.metrics), ("init_metrics", res.init_metrics)):
+    for key, target in (("metrics", res.metrics), ("init_metrics", res.init_metrics),
+                        ("baseline_metrics", res.baseline_metrics)):
         got = data.get(key) or {}
         if isinstance(got, dict):
             for name, value in got.items():
                 v = _number(value)
                 if v is not None or value is None:  # null: a non-finite result, shown as blank
                     target[str(name)] = v
+    res.baseline = str(data.get("baseline", "") or "")
+    res.verdict = str(data.get("verdict", "") or "")
     res.dataset = str(data.get("dataset", "") or "")
     res.checkpoint = str(data.get("checkpoint", "") or "")
     res.seconds = _number(data.get("seconds"))

@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from swav.data.datasets import ImageFolderDataset
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from swav.device import cpu_name
 
 
 def make_folder(root: Path, n: int) -> None:

@@ -12,7 +12,7 @@ TORCHVISION_COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50"
                       "resnet101": 44_549_160, "resnet152": 60_192_808}
 SWAV_WIDE_COUNTS = {"resnet50": 23_508_032, "resnet50w2": 93_907_072, "resnet50w4": 375_378_176,
                     "resnet50w5": 586_450_240}
-LAYERS = {"resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
+LAYERS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3], "resnet50": [3, 4, 6, 3],
           "resnet101": [3, 4, 23, 3], "resnet152": [3, 8, 36, 3]}
 
 
@@ -51,7 +51,7 @@ def torchvision_keys(layers, bottleneck):
 def test_state_dict_uses_torchvision_names(name):
     with torch.device("meta"):
         sd = create_backbone(name, num_classes=1000).state_dict()
-    assert set(sd) == torchvision_keys(LAYERS[name], bottleneck=name not in ("resnet18", "resnet34"))
+    assert set(sd) == torchvision_keys(LAYERS[name], bottleneck=name not in ("resnet10", "resnet18", "resnet34"))
 
 
 def test_resnet50_shapes_match_torchvision():
@@ -65,7 +65,7 @@ def test_resnet50_shapes_match_torchvision():
 
 
 def test_registry_lists_every_arch():
-    assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50w2", "resnet50w4",
+    assert {"resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50w2", "resnet50w4",
             "resnet50w5"} <= set(list_backbones())
     with pytest.raises(ValueError, match="available"):
         create_backbone("resnet51")

@@ -92,7 +92,7 @@ def _our_features(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "resnet50"])
 def test_torchvision_loads_exports_strictly_and_gives_our_features(arch, tmp_path, fake_fmnist):
     tv_python = _tv_python()
     t0 = time.perf_counter()
@@ -108,7 +108,7 @@ def test_torchvision_loads_exports_strictly_and_gives_our_features(arch, tmp_pat
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "input.pt")
     ours = _our_features(run, x)
-    assert ours.shape == (4, 512 if arch == "resnet18" else 2048)
+    assert ours.shape == (4, 2048 if arch == "resnet50" else 512)
 
     t_tv = time.perf_counter()
     r = subprocess.run([str(tv_python), str(HELPER), arch, str(tmp_path / "input.pt"), str(tmp_path / "tv.pt"),

@@ -16,7 +16,7 @@ from typing import Any
 from swav.data.builtin import BUILTIN_NAMES
 
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
          "resnet50w2", "resnet50w4", "resnet50w5")
 OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -95,7 +95,8 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("resnet50", "backbone: resnet18/34/50/101/152 or the wide resnet50w2/w4/w5")
+    arch: str = _f("resnet50", "backbone: resnet10 (one block per stage)/18/34/50/101/152 or the wide "
+                           "resnet50w2/w4/w5")
     width_per_group: int = _f(64, "base width of the ResNet (64 = standard); 16-32 make tiny "
                                   "models for CPU runs")
     widen: int = _f(1, "width multiplier of the ResNet (the wN archs set it themselves)")

@@ -240,7 +240,8 @@ def _load_run(path: Path) -> LoadedWeights:
 
 def _arch_name(kw: Mapping) -> str:
     block = "Bottleneck" if kw["block"].__name__ == "Bottleneck" else "BasicBlock"
-    depth = {("BasicBlock", (2, 2, 2, 2)): "resnet18", ("BasicBlock", (3, 4, 6, 3)): "resnet34",
+    depth = {("BasicBlock", (1, 1, 1, 1)): "resnet10", ("BasicBlock", (2, 2, 2, 2)): "resnet18",
+             ("BasicBlock", (3, 4, 6, 3)): "resnet34",
              ("Bottleneck", (3, 4, 6, 3)): "resnet50", ("Bottleneck", (3, 4, 23, 3)): "resnet101",
              ("Bottleneck", (3, 8, 36, 3)): "resnet152"}.get((block, tuple(kw["layers"])), f"ResNet{kw['layers']}")
     extra = []

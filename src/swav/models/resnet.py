@@ -75,6 +75,7 @@ class Bottleneck(nn.Module):
 
 # name -> (block, layers, widen)
 RESNET_SPECS: dict[str, tuple[type[nn.Module], list[int], int]] = {
+    "resnet10": (BasicBlock, [1, 1, 1, 1], 1),
     "resnet18": (BasicBlock, [2, 2, 2, 2], 1),
     "resnet34": (BasicBlock, [3, 4, 6, 3], 1),
     "resnet50": (Bottleneck, [3, 4, 6, 3], 1),

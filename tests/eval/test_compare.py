@@ -97,3 +97,26 @@ def test_pretrain_closes_with_the_table(tmp_path, fake_fmnist, capsys):
     pixels_line = next(line for line in out.splitlines() if line.strip().startswith("raw pixels"))
     assert f"{rec['baseline_metrics']['knn_top1@20']:.2f} %" in pixels_line
     assert "same network at init" in out and f"verdict: {rec['verdict']}" in out
+
+
+def test_fixed_size_builtins_are_evaluated_whole(fake_fmnist, tmp_path):
+    """A run trained on 24 px crops of 28 px images is evaluated on the whole 28 px image (a 24 px
+    centre crop would cut the garment's edges); image files keep the large crops' size; --size wins."""
+    from PIL import Image
+
+    cfg = make_config("smoke", overrides=[f"data.root={fake_fmnist}", "augment.size_crops=[24,14]"])
+    data = EvalData.from_config(cfg)
+    train = data.split("train")
+    assert data.crop_size(train) == 28
+    batch = next(iter(data.batches(train, np.arange(4))))
+    x = data.transform(train)(batch.images, batch.sizes)
+    mean, std = cfg.augment.mean[0], cfg.augment.std[0]
+    assert x.shape == (4, 1, 28, 28)
+    assert torch.allclose(x, (batch.images.float() / 255 - mean) / std, atol=1e-6)  # every pixel, untouched
+    assert EvalData.from_config(cfg, size=20).crop_size(train) == 20
+
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.full((40, 30), 128, np.uint8)).save(folder / "x.png")
+    files = EvalData.from_config(cfg, source=str(tmp_path / "imgs"))
+    assert files.crop_size(files.split("train")) == 24

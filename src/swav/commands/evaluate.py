@@ -68,8 +68,8 @@ def _add_common(p: argparse.ArgumentParser, eval_command: bool = True) -> None:
     p.add_argument("--data-root", metavar="DIR", default=None, help="where built-in data sets live "
                                                                      "(default: the run's data.root, then the usual search)")
     p.add_argument("--size", type=int, default=None, metavar="PX",
-                   help="input crop size; default: the run's large crops, else the native size of fixed-size "
-                        "built-ins, else 224 (resize 256 + centre crop)")
+                   help="input crop size; default: the whole image of fixed-size built-ins (native size), "
+                        "else the run's large crops, else 224 (resize to size/0.875 + centre crop)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="image-decoding worker processes (default: the run's data.workers, else 2)")
     p.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N")

@@ -108,7 +108,9 @@ def run_variant(name: str, settings: list[str], args) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="fashion-mnist")
-    ap.add_argument("--minutes", type=float, default=3.0, help="training budget per variant (default 3)")
+    ap.add_argument("--minutes", default="3", metavar="M[,M...]",
+                    help="training budget per variant (default 3); several (e.g. 2.5,5,10,20,40) give a "
+                         "learning curve: one separate run per budget, each with its schedule fitted to it")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
                     help="a named set of settings (repeatable); default: the preset as is")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="settings for every variant")
@@ -124,17 +126,24 @@ def main(argv=None):
         name, _, rest = v.partition(":")
         # split on the commas that start a new KEY=, not on those inside [0.5,0.2]
         variants.append((name, [s for s in re.split(r",(?=[A-Za-z_.]+=)", rest) if s]))
+    budgets = [float(m) for m in str(args.minutes).split(",") if m.strip()]
+    if not budgets or min(budgets) < 0:
+        ap.error(f"--minutes: give budgets >= 0, comma-separated (got {args.minutes!r})")
     rows = []
-    for name, settings in variants:
-        row = run_variant(name, settings, args)
-        rows.append(row)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
-    print(f"\n{'variant':14s} {'epochs':>6s} {'steps':>6s} {'kNN':>7s} {'init':>7s} {'linear':>7s}  settings")
+    for minutes in budgets:
+        for name, settings in variants:
+            label = name if len(budgets) == 1 else f"{name}@{minutes:g}min"
+            row = run_variant(label, settings, argparse.Namespace(**{**vars(args), "minutes": minutes}))
+            rows.append(row)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(f"\n{'variant':18s} {'min':>5s} {'epochs':>6s} {'steps':>6s} {'kNN':>7s} {'init':>7s} {'pixels':>7s} "
+          f"{'linear':>7s}  settings")
     for r in rows:
-        print(f"{r['name']:14s} {r['epochs']:6d} {r['steps']:6d} {r.get('knn_top1', float('nan')):7.2f} "
-              f"{r.get('knn_init_top1', float('nan')):7.2f} {r.get('linear_top1', float('nan')):7.2f}  "
+        print(f"{r['name']:18s} {r['minutes']:5g} {r['epochs']:6d} {r['steps']:6d} {r.get('knn_top1', float('nan')):7.2f} "
+              f"{r.get('knn_init_top1', float('nan')):7.2f} {r.get('knn_pixels_top1', float('nan')):7.2f} "
+              f"{r.get('linear_top1', r.get('final_linear_learned', float('nan'))):7.2f}  "
               f"{' '.join(r['settings'])}")
     return 0
 

@@ -4,6 +4,7 @@
     python bench/quality.py --minutes 3 --variant base: \\
         --variant wide:model.width_per_group=32 --variant k300:model.nmb_prototypes=300
     python bench/quality.py --preset fashion-mnist --device cuda --minutes 10 --set train.batch_size=512
+    python bench/quality.py --minutes 2.5,5,10,20,40 --no-linear          # a learning curve
 
 Each variant is a list of ``key=value`` settings (comma-separated) on top of the preset and the
 ``--set`` options; variants run one after another (never in parallel: they would share the CPU),

@@ -30,28 +30,22 @@ from swav.config import make_config
 
 
 def linear_probe(backbone, cfg, device, max_train: int = 0, epochs: int = 100, wd: float = 1e-4) -> dict:
-    """Top-1 % of a linear classifier on frozen pooled features (train split -> test split)."""
-    from swav.data.datasets import build_dataset
-    from swav.data.loader import EpochLoader
-    from swav.data.multicrop import EvalTransform
-    from swav.eval.features import extract_features
+    """Top-1 % of a linear classifier on frozen pooled features (train split -> test split), with the
+    features of the evaluation commands (swav.eval.data: the same images, transform and crop size)."""
+    from swav.eval.compare import standardise
+    from swav.eval.data import EvalData, extract
+
+    data = EvalData.from_config(cfg, batch_size=512)
 
     def feats(split, limit=0):
-        ds = build_dataset(cfg.data.source, split, in_chans=cfg.model.in_chans, root=cfg.data.root,
-                           download=cfg.data.download)
-        if limit and len(ds) > limit:
-            ds = ds.subset(limit)
-        loader = EpochLoader(ds, min(512, len(ds)), seed=0, epoch=0, shuffle=False, drop_last=False)
-        tf = EvalTransform(cfg.augment.size_crops[0], cfg.augment.mean, cfg.augment.std,
-                           resize=not ds.in_memory).to(device)
-        f, y, _ = extract_features(backbone, loader, tf, device)
+        f, y, _ = extract(backbone, data, data.labelled(split, limit), device, f"probe features ({split})",
+                          progress=False)
         return f, y
 
     t0 = time.perf_counter()
     ftr, ytr = feats("train", max_train)
     fte, yte = feats("test")
-    mu, sd = ftr.mean(0), ftr.std(0).clamp(min=1e-6)
-    ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    ftr, fte = standardise(ftr, fte)
     n_cls = int(max(ytr.max(), yte.max())) + 1
     lin = torch.nn.Linear(ftr.shape[1], n_cls)
     opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=epochs, history_size=20,

@@ -232,13 +232,40 @@ def test_time_budget_fits_steps_not_whole_epochs(tmp_path, fake_fmnist, monkeypa
     again = train(smoke(cut, fake_fmnist, *budget))
     assert again.global_step == 13
     assert_same_weights(final_weights(cut), final_weights(ref))
-    assert len(fitted) == 2  # the resumed run keeps the fitted length, it does not refit
+    assert len(fitted) == 4  # two fits (steps 10 and 11) per run; the resumed run does not refit
 
     # stopped before the budget was fitted (step 3 of the first 10): the resumed run fits it
     early = tmp_path / "early"
     train(smoke(early, fake_fmnist, *budget), max_steps=3)
     assert load_run_state(early / "checkpoint.pt")["budget_fitted"] is False
-    assert train(smoke(early, fake_fmnist, *budget)).global_step == 13 and len(fitted) == 3
+    # (it fits at its 10th step, step 13: the end, so that first fit is final)
+    assert train(smoke(early, fake_fmnist, *budget)).global_step == 13 and len(fitted) == 5
+    assert load_run_state(early / "checkpoint.pt")["budget_fitted"] is True
+
+
+def test_time_budget_is_fitted_again_over_a_longer_window(tmp_path, fake_fmnist, monkeypatch):
+    """The first fit (8 timed steps) is provisional: the speed is timed again over refit_window()
+    steps and that second count is the run's length and the cosine schedule's T."""
+    from swav.plan import StepPlan
+
+    counts, timed = [20, 12], []
+
+    def fit(plan, seconds_per_step):
+        timed.append(seconds_per_step)
+        return counts[len(timed) - 1]
+
+    monkeypatch.setattr(StepPlan, "steps_for_budget", fit)
+    out = tmp_path / "run"
+    res = train(smoke(out, fake_fmnist, "train.epochs=4", "train.time_budget_minutes=5", "train.log_every=1",
+                      "optim.final_lr=0.0123"))
+    assert len(timed) == 2 and all(t > 0 for t in timed)
+    assert res.global_step == 12 and load_run_state(out / "checkpoint.pt")["budget_fitted"] is True
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "lr" in r}
+    import math
+    assert lrs[12] == pytest.approx(0.0123 + 0.5 * (0.3 - 0.0123) * (1 + math.cos(math.pi * 11 / 12)))
+    log_text = (out / "log.txt").read_text()
+    assert "(first fit, over 8 steps): training 3 epoch(s) (20 steps" in log_text
+    assert "(final, over 9 steps): training 2 epoch(s) (12 steps" in log_text
 
 
 def test_fit_steps_to_budget_bounds():
@@ -249,5 +276,10 @@ def test_fit_steps_to_budget_bounds():
     assert plan.steps_for_budget(0.5) == 40  # 120 steps fit, capped at 5 epochs of 8
     assert plan.steps_for_budget(2.0) == 30  # 60 s / 2 s: a cut-short 4th epoch
     assert plan.steps_for_budget(60.0) == 8  # at least one whole epoch
+    plan.fit(2.0, final=False)
+    assert (plan.total_steps, plan.epochs, plan.budget_fitted) == (30, 4, False)
+    assert plan.refit_window() == 9  # at least CALIBRATION_STEPS + 1
     plan.fit(2.0)
     assert (plan.total_steps, plan.epochs, plan.budget_fitted) == (30, 4, True)
+    plan.total_steps = 7000
+    assert plan.refit_window() == 350  # 5 % of the first-fitted steps

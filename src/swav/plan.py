@@ -10,9 +10,12 @@ import numpy as np
 from swav.config import Config
 from swav.optim import cosine_schedule
 
-__all__ = ["StepPlan", "CALIBRATION_STEPS"]
+__all__ = ["StepPlan", "CALIBRATION_STEPS", "CALIBRATION_FRACTION"]
 
-CALIBRATION_STEPS = 8  # steps timed (after 2 warm-up steps) before a time budget is fitted
+CALIBRATION_STEPS = 8  # steps timed (after 2 warm-up steps) before a time budget is first fitted
+# ... and the fraction of those first-fitted steps over which the speed is timed again for the final
+# fit: 8 steps (under a second) misjudged a 10-minute budget by up to 25 % between seeds.
+CALIBRATION_FRACTION = 0.05
 
 
 @dataclass
@@ -55,11 +58,18 @@ class StepPlan:
         spe = self.steps_per_epoch
         return max(spe, min(self.cfg.train.epochs * spe, fitted))
 
-    def fit(self, seconds_per_step: float, agree: Callable[[int], int] = lambda n: n) -> None:
-        """Fit the plan to the time budget; ``agree`` makes every rank take rank 0's count."""
+    def fit(self, seconds_per_step: float, agree: Callable[[int], int] = lambda n: n, final: bool = True) -> None:
+        """Fit the plan to the time budget; ``agree`` makes every rank take rank 0's count. A first,
+        provisional fit (``final=False``) leaves ``budget_fitted`` False: the speed is timed again over
+        ``refit_window()`` steps and fitted for good."""
         self.total_steps = agree(self.steps_for_budget(seconds_per_step))
-        self.budget_fitted = True
+        self.budget_fitted = final
         self._derive()
+
+    def refit_window(self) -> int:
+        """Timed steps for the final fit: ``CALIBRATION_FRACTION`` of the provisionally fitted run
+        (30 s of a 10-minute budget), at least ``CALIBRATION_STEPS + 1``."""
+        return max(CALIBRATION_STEPS + 1, int(np.ceil(CALIBRATION_FRACTION * self.total_steps)))
 
     # ---- derived -----------------------------------------------------------------------
     def _stretch(self) -> float:

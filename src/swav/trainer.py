@@ -175,6 +175,7 @@ class _Run:
     last_loss: float = float("nan")
     stopped_by_signal: bool = False
     window: dict = field(default_factory=dict)  # images, data time and start of the logging window
+    refit_at: int | None = None  # time budget: timed steps at which the final fit is made
 
     @property
     def learner(self) -> Learner:
@@ -271,10 +272,7 @@ def _loop(run: _Run, max_steps: int | None) -> None:
                 it += 1
                 steps_this_call += 1
                 if not run.plan.budget_fitted:  # time budget: fit the step count once the speed is known
-                    if steps_this_call == 2:
-                        calib_t0 = time.perf_counter()
-                    elif steps_this_call == 2 + CALIBRATION_STEPS:
-                        _fit_budget(run, (time.perf_counter() - calib_t0) / CALIBRATION_STEPS)
+                    calib_t0 = _calibrate(run, steps_this_call, calib_t0)
                 if state.step % cfg.train.log_every == 0 or it == spe or state.step >= run.plan.total_steps:
                     _log_step(run, outcome, epoch)
                 run.stopped_by_signal = outcome.signalled
@@ -331,15 +329,37 @@ def _step(run: _Run, batch, it: int, sig: _SignalFlag):
     return outcome
 
 
-def _fit_budget(run: _Run, seconds_per_step: float) -> None:
+def _calibrate(run: _Run, steps_this_call: int, t0: float | None) -> float | None:
+    """Time budget: after 2 warm-up steps, time ``CALIBRATION_STEPS`` steps and fit the step count
+    provisionally (so the learning-rate schedule is the fitted one almost from the start), then time
+    the whole ``refit_window()`` (data loading and logging included) and fit it for good. Every rank
+    refits at the same step (the window comes from the agreed count). Returns the timer's start."""
+    if steps_this_call == 2:
+        run.refit_at = None
+        return time.perf_counter()
+    if t0 is None:
+        return None
+    timed = steps_this_call - 2
+    if timed == CALIBRATION_STEPS:
+        _fit_budget(run, (time.perf_counter() - t0) / timed, timed, final=False)
+        run.refit_at = run.plan.refit_window()
+        if run.state.step + run.refit_at - timed >= run.plan.total_steps:
+            run.plan.budget_fitted = True  # too short a run to time it again: the first fit is final
+    elif timed == run.refit_at:
+        _fit_budget(run, (time.perf_counter() - t0) / timed, timed, final=True)
+    return t0
+
+
+def _fit_budget(run: _Run, seconds_per_step: float, timed: int, final: bool) -> None:
     plan = run.plan
     agree = dist_utils.broadcast_object if run.world > 1 else (lambda n: n)
-    plan.fit(seconds_per_step, agree)
+    plan.fit(seconds_per_step, agree, final=final)
     run.bar.total = plan.total_steps
     run.state.record.seconds_per_step = seconds_per_step
-    log.info("time budget %.1f min at %.3f s/step: training %d epoch(s) (%d steps, %.2f epochs)",
-             run.cfg.train.time_budget_minutes, seconds_per_step, plan.epochs, plan.total_steps,
-             plan.total_steps / plan.steps_per_epoch)
+    log.info("time budget %.1f min at %.3f s/step (%s, over %d steps): training %d epoch(s) (%d steps, "
+             "%.2f epochs)", run.cfg.train.time_budget_minutes, seconds_per_step,
+             "final" if final else "first fit", timed,
+             plan.epochs, plan.total_steps, plan.total_steps / plan.steps_per_epoch)
 
 
 def _log_step(run: _Run, outcome, epoch: int) -> None:

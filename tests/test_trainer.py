@@ -283,3 +283,40 @@ def test_fit_steps_to_budget_bounds():
     assert (plan.total_steps, plan.epochs, plan.budget_fitted) == (30, 4, True)
     plan.total_steps = 7000
     assert plan.refit_window() == 350  # 5 % of the first-fitted steps
+
+
+def test_recompute_bn_after_the_last_step(tmp_path, fake_fmnist):
+    """train.recompute_bn_images: the final checkpoint holds the same weights as without it, and the
+    backbone's BatchNorm statistics of recompute_batchnorm on that many whole training images
+    (chosen by the seed); earlier epochs' checkpoints keep the training statistics."""
+    import numpy as np
+
+    from swav.build import build_model
+    from swav.data.datasets import build_dataset
+    from swav.eval.data import EvalData
+    from swav.eval.features import recompute_batchnorm
+
+    plain, precise = tmp_path / "plain", tmp_path / "precise"
+    cfg = smoke(precise, fake_fmnist, "train.recompute_bn_images=100")
+    train(smoke(plain, fake_fmnist))
+    train(cfg)
+    a, b = final_weights(plain), final_weights(precise)
+    stats = [k for k in a if k.startswith("backbone.") and ("running_" in k or "num_batches" in k)]
+    assert len(stats) > 10
+    for k in a:
+        if k not in stats:
+            assert torch.equal(a[k], b[k]), f"{k} differs"
+    assert all(not torch.equal(a[k], b[k]) for k in stats if "running_" in k)
+    assert_same_weights(load_run_state(plain / "checkpoint-epoch1.pt")["model"],
+                        load_run_state(precise / "checkpoint-epoch1.pt")["model"])
+
+    model = build_model(cfg)
+    model.load_state_dict(a)
+    dataset = build_dataset("fashion-mnist", "train", in_chans=1, root=str(fake_fmnist), subset=256)
+    idx = np.sort(np.random.default_rng(cfg.train.seed).permutation(256)[:100])
+    data = EvalData.from_config(cfg)
+    assert recompute_batchnorm(model.backbone, data.batches(dataset, idx), data.transform(dataset), "cpu") == 100
+    for k in stats:
+        torch.testing.assert_close(b[k], model.state_dict()[k], rtol=0, atol=0)
+    assert "BatchNorm statistics of the backbone recomputed on 100 whole training images" in \
+        (precise / "log.txt").read_text()

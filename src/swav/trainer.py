@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from swav import __version__
@@ -32,6 +33,7 @@ from swav.data.multicrop import slice_params
 from swav.device import check_precision, device_name, device_type_of, pick_device, resolve_precision
 from swav.eval.compare import Comparison, compare_features
 from swav.eval.data import EvalData, knn_of_backbone
+from swav.eval.features import recompute_batchnorm
 from swav.eval.results import make_record, write_result
 from swav.monitor import CollapseWatch, MetricsWriter, NaNGuard, ProgressBar, assignment_stats, setup_logging
 from swav.plan import CALIBRATION_STEPS, StepPlan
@@ -387,6 +389,8 @@ def _log_step(run: _Run, outcome, epoch: int) -> None:
 def _end_of_epoch_or_stop(run: _Run, epoch_done: bool) -> None:
     """The checkpoint; at an epoch's end the log line and the online kNN."""
     state, cfg = run.state, run.cfg
+    if state.step >= run.plan.total_steps and cfg.train.recompute_bn_images > 0:
+        _recompute_batchnorm(run)
     state.save(epoch_done=epoch_done)
     if not epoch_done:
         return
@@ -397,6 +401,21 @@ def _end_of_epoch_or_stop(run: _Run, epoch_done: bool) -> None:
                               cfg.train.knn_max_train, cfg.train.knn_k)
         run.metrics.write(state.step, **{k: v for k, v in res.items() if isinstance(v, float)})
         log.info("online kNN: %s", res)
+
+
+def _recompute_batchnorm(run: _Run) -> None:
+    """After the last step, before the final checkpoint: the backbone's BatchNorm statistics from
+    ``train.recompute_bn_images`` whole training images (the evaluation transform), chosen by the
+    run's seed. Every rank takes the same images, so a synchronised BatchNorm agrees."""
+    cfg, L = run.cfg, run.learner
+    dataset = run.loader.dataset
+    n = min(cfg.train.recompute_bn_images, len(dataset))
+    idx = np.sort(np.random.default_rng(cfg.train.seed).permutation(len(dataset))[:n])
+    t0 = time.perf_counter()
+    seen = recompute_batchnorm(L.raw_model.backbone, run.eval_data.batches(dataset, idx),
+                               run.eval_data.transform(dataset).to(L.device), L.device)
+    log.info("BatchNorm statistics of the backbone recomputed on %d whole training images (%.1f s)",
+             seen, time.perf_counter() - t0)
 
 
 FINAL_NAME = "final"  # RUN/eval/final.json: the closing comparison

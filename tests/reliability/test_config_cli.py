@@ -73,6 +73,7 @@ BAD_VALUES = {
     "train.knn_every": ["-1"],
     "train.knn_k": ["0"],
     "train.final_linear_epochs": ["-1"],
+    "train.recompute_bn_images": ["-1", "many"],
     "train.final_knn": ["maybe"],
 }
 if not torch.cuda.is_available():

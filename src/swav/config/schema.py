@@ -188,6 +188,11 @@ class TrainConfig:
     knn_k: int = _f(20, "neighbours k of the kNN monitor (20 is customary)")
     knn_max_train: int = _f(0, "use at most this many training images as the kNN memory (0 = all); "
                                "10000 keeps the monitor to seconds on a CPU")
+    recompute_bn_images: int = _f(0, "after the last step, recompute the backbone's BatchNorm running "
+                                     "statistics on this many whole training images (the evaluation "
+                                     "transform; 'precise BN'); training mixes large and small crops "
+                                     "through the same BatchNorm, so its running averages match neither. "
+                                     "0 = keep them (the official recipe)")
     final_knn: bool = _f(False, "at the end, compare the learned backbone with the same network at "
                                 "initialisation and with the raw pixels: kNN and a linear probe on frozen "
                                 "features, printed and saved in RUN/eval/final.json (labelled sources)")

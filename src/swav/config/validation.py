@@ -252,6 +252,7 @@ def _check_train(found: _Findings, t: TrainConfig, d: DataConfig, world_size: in
     at_least("train.knn_every", t.knn_every, 0, "0 turns the kNN monitor off")
     at_least("train.knn_k", t.knn_k, 1)
     at_least("train.final_linear_epochs", t.final_linear_epochs, 0)
+    at_least("train.recompute_bn_images", t.recompute_bn_images, 0, "0 keeps the training statistics")
     if t.knn_every > 0 and d.source not in BUILTIN_SOURCES:
         found.warn(f"train.knn_every = {t.knn_every} but data.source = {d.source!r} has no "
                    "labels; the kNN monitor needs a built-in labelled source")

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["extract_features"]
+__all__ = ["extract_features", "recompute_batchnorm"]
 
 
 def extract_features(
@@ -81,3 +81,55 @@ def extract_features(
     all_idx = torch.cat(indices)
     order = torch.argsort(all_idx, stable=True)
     return torch.cat(feats)[order], torch.cat(labels)[order], all_idx[order]
+
+
+def recompute_batchnorm(
+    model: nn.Module,
+    batches: Iterable[Any],
+    transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device: torch.device | str,
+) -> int:
+    """Replace the running mean and variance of every BatchNorm of ``model`` by their plain average
+    over ``batches`` ("precise BN", Wu & Johnson 2021); returns the number of images seen.
+
+    Per BatchNorm, with x_b the (N_b, C, ...) input of batch b of B batches:
+        running_mean = 1/B sum_b mean(x_b),  running_var = 1/B sum_b var_unbiased(x_b)   (C,)
+    Nothing else changes: the weights, the modules' momentum and train/eval modes are as before.
+    Training statistics of SwAV mix large and small crops through the same BatchNorm, so they match
+    neither the whole images a backbone is evaluated and used on. ``batches`` and ``transform`` are
+    as in :func:`extract_features`. If anything fails the old statistics are put back.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise ValueError("recompute_batchnorm: the model has no BatchNorm layers")
+    if any(not m.track_running_stats for m in bns):
+        raise ValueError("recompute_batchnorm: a BatchNorm layer does not track running statistics")
+    device = torch.device(device)
+    saved = [(m, m.momentum, m.training, {k: v.clone() for k, v in m.named_buffers(recurse=False)})
+             for m in bns]
+    was_training = model.training
+    n = 0
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for batch in batches:
+                images = batch.images.to(device, non_blocking=True)
+                model(transform(images, batch.sizes.to(device, non_blocking=True)))
+                n += images.shape[0]
+        if n == 0:
+            raise ValueError("recompute_batchnorm got no batches: check the data loader / dataset is not empty")
+    except BaseException:
+        for m, _, _, buffers in saved:
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
+        raise
+    finally:
+        for m, momentum, training, _ in saved:
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return n

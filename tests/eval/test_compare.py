@@ -36,6 +36,8 @@ def test_standardise_uses_the_train_statistics():
 
 @pytest.mark.parametrize("learned, expect", [((90.0, 88.0), "learned: the features beat"),
                                              ((84.0, 83.0), "learning, not there yet"),
+                                             ((85.0, 87.5), "partly learned: the features beat the raw "
+                                                            "pixels under the linear probe (+3.1 points)"),
                                              ((70.0, 70.0), "not learned")])
 def test_verdict_says_which_it_beats(learned, expect):
     c = Comparison(knn={"learned": learned[0], "init": 80.0, "pixels": 85.7},

@@ -70,9 +70,13 @@ def verdict(c: Comparison) -> str:
     if beats["init"] and beats["pixels"]:
         return (f"learned: the features beat the raw pixels (kNN {knn_p:+.1f}{lin} points) and the untrained "
                 f"network (kNN {knn_i:+.1f} points)")
+    if beats["init"] and c.linear and gap(c.linear, "pixels") > 0 and knn_p <= 0:
+        return (f"partly learned: the features beat the raw pixels under the linear probe "
+                f"({gap(c.linear, 'pixels'):+.1f} points) but not under kNN ({knn_p:+.1f}), and the untrained "
+                f"network (kNN {knn_i:+.1f} points)")
     if beats["init"]:
         return (f"learning, not there yet: better than the untrained network (kNN {knn_i:+.1f} points) but not "
-                f"than the raw pixels (kNN {knn_p:+.1f}{lin} points); train longer")
+                f"than the raw pixels (kNN {knn_p:+.1f}{lin} points); train longer or tune the recipe")
     return (f"not learned: no better than the untrained network (kNN {knn_i:+.1f} points; raw pixels "
             f"{knn_p:+.1f}); check the recipe (lr, crops) and the data")
 

@@ -405,8 +405,9 @@ def _end_of_epoch_or_stop(run: _Run, epoch_done: bool) -> None:
 
 def _recompute_batchnorm(run: _Run) -> None:
     """After the last step, before the final checkpoint: the backbone's BatchNorm statistics from
-    ``train.recompute_bn_images`` whole training images (the evaluation transform), chosen by the
-    run's seed. Every rank takes the same images, so a synchronised BatchNorm agrees."""
+    ``train.recompute_bn_images`` training images under the evaluation transform (built-ins whole,
+    image files resized and centre-cropped), chosen by the run's seed. Every rank takes the same
+    images, so a synchronised BatchNorm agrees."""
     cfg, L = run.cfg, run.learner
     dataset = run.loader.dataset
     n = min(cfg.train.recompute_bn_images, len(dataset))

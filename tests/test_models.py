@@ -178,3 +178,39 @@ def test_official_load_is_strict_and_lists_keys():
         load_official_state_dict(model, broken)
     msg = str(err.value)
     assert "layer2.0.conv1.weight" in msg and "extra.weight" in msg and "projection_head.3.weight (9, 32)" in msg
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet50"])
+def test_pool_size_keeps_a_grid_of_the_last_map_and_the_torchvision_weights(arch):
+    """pool_size=2 flattens a 2x2 average-pooling grid of the last feature map (C*4 features, channel
+    major as torchvision's flatten after AdaptiveAvgPool2d(2)); the weights are those of pool_size=1,
+    key for key and shape for shape, so torchvision's ResNets still load them."""
+    kw = dict(small_stem=True, in_chans=1, width_per_group=16)
+    g1, g2 = create_backbone(arch, **kw).eval(), create_backbone(arch, pool_size=2, **kw).eval()
+    assert g2.num_features == 4 * g1.num_features
+    assert {k: v.shape for k, v in g1.state_dict().items()} == {k: v.shape for k, v in g2.state_dict().items()}
+    g2.load_state_dict(g1.state_dict(), strict=True)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fmap = g2.forward_features(x)  # (3, C, 4, 4) for 28 px
+        out = g2(x)
+        assert out.shape == (3, g2.num_features)
+        cells = [fmap[:, :, :2, :2], fmap[:, :, :2, 2:], fmap[:, :, 2:, :2], fmap[:, :, 2:, 2:]]
+        want = torch.stack([c.mean((2, 3)) for c in cells], dim=2).flatten(1)  # (B, C*4), channel major
+        # float32 sums of up to 16 terms in another order: a few units of rounding of the largest value
+        tol = dict(rtol=0, atol=16 * torch.finfo(torch.float32).eps * float(out.abs().max()))
+        torch.testing.assert_close(out, want, **tol)
+        # the mean of the four cells of a channel is its global average: pool_size=1's feature
+        torch.testing.assert_close(out.view(3, -1, 4).mean(2), g1(x), **tol)
+
+
+def test_pooled_grid_survives_the_official_layout():
+    """An official-layout file of a pool_size=2 model loads back as pool_size=2: the grid is read off
+    the projection head's input width (C * 4), and the features are the same."""
+    model = SwAVModel(create_backbone("resnet10", small_stem=True, in_chans=1, width_per_group=16, pool_size=2),
+                      hidden_mlp=32, feat_dim=16, nmb_prototypes=10).eval()
+    back = model_from_official_state_dict(model_to_official_keys(model.state_dict(), prefix="module.")).eval()
+    assert back.backbone.avgpool.output_size == (2, 2) and back.backbone.num_features == 512
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back.backbone(x), model.backbone(x), rtol=0, atol=0)

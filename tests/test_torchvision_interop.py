@@ -60,14 +60,15 @@ def _cli(*args, timeout=300):
     return r.stdout
 
 
-def _pretrain(out: Path, arch: str, data_root: Path) -> None:
+def _pretrain(out: Path, arch: str, data_root: Path, pool: int = 1) -> None:
     """Two real steps of `swav pretrain`: the smoke preset with a standard-width, standard-stem,
-    3-channel backbone (the architecture torchvision builds), small crops and a small head."""
+    3-channel backbone (the architecture torchvision builds), small crops and a small head; ``pool``
+    is model.pool_size (2: the grid of the fashion-mnist preset)."""
     _cli("pretrain", "--preset", "smoke", "--arch", arch, "--no-report", "--out", out, "--epochs", 1,
          "--batch-size", 32, "--device", "cpu", "--precision", "fp32",
          *[a for kv in ("model.width_per_group=64", "model.widen=1", "model.in_chans=3", "model.small_stem=false",
                         "model.hidden_mlp=64", "model.feat_dim=16", "model.nmb_prototypes=20",
-                        "augment.mean=[0.5,0.5,0.5]", "augment.std=[0.25,0.25,0.25]",
+                        "augment.mean=[0.5,0.5,0.5]", "augment.std=[0.25,0.25,0.25]", f"model.pool_size={pool}",
                         f"data.root={data_root}", "data.subset=64")
            for a in ("--set", kv)])
 
@@ -92,12 +93,13 @@ def _our_features(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("arch", ["resnet10", "resnet18", "resnet50"])
-def test_torchvision_loads_exports_strictly_and_gives_our_features(arch, tmp_path, fake_fmnist):
+@pytest.mark.parametrize("arch,pool", [("resnet10", 1), ("resnet10", 2), ("resnet18", 1), ("resnet50", 1)])
+def test_torchvision_loads_exports_strictly_and_gives_our_features(arch, pool, tmp_path, fake_fmnist):
+    """pool 2: torchvision's ResNet with ``avgpool = AdaptiveAvgPool2d(2)`` gives our 2x2-grid features."""
     tv_python = _tv_python()
     t0 = time.perf_counter()
     run = tmp_path / "run"
-    _pretrain(run, arch, fake_fmnist)
+    _pretrain(run, arch, fake_fmnist, pool)
     t_train = time.perf_counter()
     files = {}
     for fmt, ext in FORMATS.items():
@@ -108,10 +110,11 @@ def test_torchvision_loads_exports_strictly_and_gives_our_features(arch, tmp_pat
     x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "input.pt")
     ours = _our_features(run, x)
-    assert ours.shape == (4, 2048 if arch == "resnet50" else 512)
+    assert ours.shape == (4, (2048 if arch == "resnet50" else 512) * pool * pool)
 
     t_tv = time.perf_counter()
-    r = subprocess.run([str(tv_python), str(HELPER), arch, str(tmp_path / "input.pt"), str(tmp_path / "tv.pt"),
+    spec = f"{arch}@{pool}" if pool > 1 else arch
+    r = subprocess.run([str(tv_python), str(HELPER), spec, str(tmp_path / "input.pt"), str(tmp_path / "tv.pt"),
                         *(f"{fmt}={path}" for fmt, path in files.items())],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if r.returncode == 3:
@@ -133,7 +136,7 @@ def test_torchvision_loads_exports_strictly_and_gives_our_features(arch, tmp_pat
         assert theirs[fmt].shape == ours.shape and theirs[fmt].dtype == ours.dtype
         diffs[fmt] = (theirs[fmt] - ours).abs().max().item()
     t_end = time.perf_counter()
-    print(f"\n{arch} (torch {torch.__version__} here, torch {report['torch']} + torchvision "
+    print(f"\n{spec} (torch {torch.__version__} here, torch {report['torch']} + torchvision "
           f"{report['torchvision']} there; |features| max {ours.abs().max().item():.3g}): "
           + ", ".join(f"{fmt} max abs diff {d:.3g}" for fmt, d in diffs.items())
           + f"  [pretrain {t_train - t0:.1f} s, export {t_tv - t_train:.1f} s, torchvision {t_end - t_tv:.1f} s]")

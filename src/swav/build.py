@@ -18,7 +18,7 @@ def build_model(cfg: Config) -> SwAVModel:
     """The SwAV network of a config (deterministic given torch's RNG state)."""
     m = cfg.model
     backbone = create_backbone(m.arch, width_per_group=m.width_per_group, widen=m.widen,
-                               in_chans=m.in_chans, small_stem=m.small_stem)
+                               in_chans=m.in_chans, small_stem=m.small_stem, pool_size=m.pool_size)
     return SwAVModel(backbone, hidden_mlp=m.hidden_mlp, feat_dim=m.feat_dim, nmb_prototypes=m.nmb_prototypes)
 
 

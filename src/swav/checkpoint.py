@@ -102,12 +102,27 @@ def load_official_state_dict(model: SwAVModel, state_dict: Mapping[str, torch.Te
     model.load_state_dict(mapped, strict=True)
 
 
+def _pool_size_of(sd: Mapping[str, torch.Tensor], channels: int) -> int:
+    """The backbone's pooling grid side, read off the projection head's input width: the head takes
+    ``channels * pool_size**2`` features (1 for the official models, 2 for the fashion-mnist preset).
+    A width that is no such multiple gives 1, and the strict load then reports the mismatch."""
+    head = sd.get("projection_head.0.weight")
+    if head is None or head.ndim != 2 or head.shape[1] <= channels:
+        return 1
+    side = int(round((head.shape[1] / channels) ** 0.5))
+    return side if head.shape[1] == channels * side * side else 1
+
+
 def model_from_official_state_dict(state_dict: Mapping[str, torch.Tensor], *, normalize: bool = True) -> SwAVModel:
     """Build a SwAVModel whose architecture is read off an official state dict, and load it strictly."""
     sd = strip_prefixes(state_dict)
     backbone_sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_PREFIXES)}
     kw = resnet_kwargs_from_state_dict(backbone_sd)
-    backbone = ResNet(kw.pop("block"), kw.pop("layers"), **kw)
+    block, layers = kw.pop("block"), kw.pop("layers")
+    backbone = ResNet(block, layers, **kw)
+    pool = _pool_size_of(sd, backbone.num_features)
+    if pool != 1:
+        backbone = ResNet(block, layers, **kw, pool_size=pool)
     if "projection_head.3.weight" in sd:
         hidden, feat = sd["projection_head.0.weight"].shape[0], sd["projection_head.3.weight"].shape[0]
     elif "projection_head.0.weight" in sd:

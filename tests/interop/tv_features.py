@@ -5,7 +5,10 @@ Loads exported backbones the way a torchvision user would: ``torchvision.models.
 ``weights_only=True``) or ``.safetensors`` file (``safetensors.torch.load_file``); then computes the
 eval-mode features of a saved input tensor and saves them.
 
-    python tv_features.py ARCH INPUT.pt OUT.pt FORMAT=FILE [FORMAT=FILE ...]
+    python tv_features.py ARCH[@POOL] INPUT.pt OUT.pt FORMAT=FILE [FORMAT=FILE ...]
+
+``@POOL`` (e.g. ``resnet10@2``): the backbone was trained with ``model.pool_size=POOL``; a torchvision
+user sets ``model.avgpool = AdaptiveAvgPool2d(POOL)`` (its forward flattens whatever avgpool gives).
 
 Prints one JSON line: versions, and per format the missing/unexpected keys and the error, if any.
 Exit status 0 when every file loaded strictly, 1 when one did not, 3 when torchvision (or torch,
@@ -33,7 +36,8 @@ def build(arch):
 
 
 def main(argv):
-    arch, input_path, out_path, *files = argv
+    spec, input_path, out_path, *files = argv
+    arch, _, pool = spec.partition("@")
     torch.set_num_threads(1)  # the test computes our features with one thread too
     x = torch.load(input_path, weights_only=True)
     report = {"torch": torch.__version__, "torchvision": torchvision.__version__, "formats": {}}
@@ -43,6 +47,8 @@ def main(argv):
         sd = load_file(path) if fmt == "safetensors" else torch.load(path, map_location="cpu", weights_only=True)
         model = build(arch)
         model.fc = torch.nn.Identity()
+        if pool:
+            model.avgpool = torch.nn.AdaptiveAvgPool2d(int(pool))
         want, got = set(model.state_dict()), set(sd)
         entry = {"missing": sorted(want - got), "unexpected": sorted(got - want), "error": None}
         try:

@@ -104,6 +104,9 @@ class ModelConfig:
                           "Fashion-MNIST")
     small_stem: bool = _f(False, "3x3 stride-1 first conv and no max-pool, for 28-64 px images; "
                                  "keep False for ImageNet-size images")
+    pool_size: int = _f(1, "side of the average-pooling grid over the backbone's last feature map: 1 = "
+                           "global average pooling (torchvision's); 2 keeps the coarse layout (2x2 cells, "
+                           "4x the features)")
     hidden_mlp: int = _f(2048, "hidden width of the 2-layer projection head (0 = a single linear "
                                "layer)")
     feat_dim: int = _f(128, "dimension of the L2-normalised features and prototypes (128 in the "

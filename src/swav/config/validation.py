@@ -158,6 +158,7 @@ def _check_model(found: _Findings, m: ModelConfig) -> None:
     found.at_least("model.width_per_group", m.width_per_group, 1)
     found.at_least("model.widen", m.widen, 1)
     found.at_least("model.in_chans", m.in_chans, 1)
+    found.at_least("model.pool_size", m.pool_size, 1, "1 = global average pooling")
     found.at_least("model.hidden_mlp", m.hidden_mlp, 0, "0 makes the head a single linear layer")
     found.at_least("model.feat_dim", m.feat_dim, 1)
     found.at_least("model.nmb_prototypes", m.nmb_prototypes, 1, "3000 in the paper for ImageNet")

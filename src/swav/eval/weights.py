@@ -200,6 +200,7 @@ def _load_official(path: Path, sd: dict[str, torch.Tensor]) -> LoadedWeights:
     except StateDictMismatchError as e:
         raise StateDictMismatchError(f"{path}: official SwAV state dict does not fit the architecture its keys "
                                      f"describe ({_arch_name(kw)})", e.missing, e.unexpected, e.shapes) from None
+    kw["pool_size"] = model.backbone.pool_size  # read off the head's input width
     proto = model.prototypes
     head = {"hidden_mlp": model.projection_head[0].out_features if len(model.projection_head) > 1 else 0,
             "feat_dim": model.projection_head.out_dim, "nmb_prototypes": proto.nmb_prototypes}
@@ -232,6 +233,7 @@ def _load_run(path: Path) -> LoadedWeights:
     m = cfg.model
     kw = _resnet_kwargs(model_to_official_keys({k: v for k, v in model.state_dict().items()
                                                 if k.startswith("backbone.")}), str(path))
+    kw["pool_size"] = cfg.model.pool_size
     head = {"hidden_mlp": m.hidden_mlp, "feat_dim": m.feat_dim, "nmb_prototypes": m.nmb_prototypes}
     step, epochs = int(state["global_step"]), int(state["epochs"])
     return LoadedWeights(path, "run", model.backbone, model, cfg, path.parent, kw, head,
@@ -253,6 +255,8 @@ def _arch_name(kw: Mapping) -> str:
         extra.append(f"{kw['in_chans']} channel(s)")
     if kw.get("small_stem"):
         extra.append("small stem")
+    if kw.get("pool_size", 1) > 1:
+        extra.append(f"{kw['pool_size']}x{kw['pool_size']} pooled")
     return depth + (f" ({', '.join(extra)})" if extra else "")
 
 

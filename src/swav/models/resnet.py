@@ -99,10 +99,13 @@ class ResNet(nn.Module):
         small_stem: 3x3 stride-1 first conv and no max-pool, for 28-64 px images.
         num_classes: size of the final ``fc`` layer; 0 = no fc (SwAV pretraining).
         zero_init_residual: start each residual branch's last BatchNorm at zero.
+        pool_size: side of the average-pooling grid over the last feature map (1 = global average
+            pooling, as torchvision); the pooled features are flattened (C * pool_size**2 of them).
     """
 
     def __init__(self, block: type[nn.Module], layers: list[int], *, width_per_group: int = 64, widen: int = 1,
-                 in_chans: int = 3, small_stem: bool = False, num_classes: int = 0, zero_init_residual: bool = False):
+                 in_chans: int = 3, small_stem: bool = False, num_classes: int = 0, zero_init_residual: bool = False,
+                 pool_size: int = 1):
         super().__init__()
         base = width_per_group * widen
         self.width_per_group = width_per_group
@@ -120,8 +123,9 @@ class ResNet(nn.Module):
         self.layer2 = self._make_layer(block, base * 2, layers[1], stride=2)
         self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(block, base * 8, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.num_features = base * 8 * block.expansion
+        self.pool_size = pool_size
+        self.avgpool = nn.AdaptiveAvgPool2d((pool_size, pool_size))
+        self.num_features = base * 8 * block.expansion * pool_size * pool_size
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else None
 
         for m in self.modules():

@@ -149,6 +149,8 @@ def _run_rows(facts: RunFacts, cfg) -> tuple[list[tuple[str, str]], str]:
     if cfg is not None:
         k = _first_k(cfg.model.nmb_prototypes)
         model = f"{cfg.model.arch} (width {cfg.model.width_per_group}"
+        if cfg.model.pool_size > 1:
+            model += f", features pooled to a {cfg.model.pool_size}x{cfg.model.pool_size} grid"
         model += f", {_millions(rec.parameters)})" if rec is not None and rec.parameters else ")"
         model += f", {cfg.model.nmb_prototypes} prototypes of dimension {cfg.model.feat_dim}"
         rows.append(("model", model))

@@ -5,11 +5,15 @@
         --variant wide:model.width_per_group=32 --variant k300:model.nmb_prototypes=300
     python bench/quality.py --preset fashion-mnist --device cuda --minutes 10 --set train.batch_size=512
     python bench/quality.py --minutes 2.5,5,10,20,40 --no-linear          # a learning curve
+    python bench/quality.py --minutes 0 --set train.epochs=6 --jobs 8 --device cuda \
+        --variant base: --variant lr1.2:optim.lr=1.2                      # fixed steps, in parallel
 
 Each variant is a list of ``key=value`` settings (comma-separated) on top of the preset and the
 ``--set`` options; variants run one after another (never in parallel: they would share the CPU),
 each with the same budget (``train.time_budget_minutes``: the trainer times its first steps and
-fits the number of steps to the budget). After training it reports the trainer's own final kNN
+fits the number of steps to the budget). With ``--minutes 0`` every variant trains a fixed number
+of steps (``train.epochs``), which does not depend on the speed of the machine: only then may
+``--jobs N`` run N variants at once, each in its own process (a screen on a GPU). After training it reports the trainer's own final kNN
 (weighted k=20 on the test split, the learned backbone next to the same backbone at
 initialisation) and, unless ``--no-linear``, a linear probe: a linear classifier trained on frozen,
 standardised pooled features of the train split (full-batch L-BFGS with a little weight decay),
@@ -115,6 +119,8 @@ def main(argv=None):
     ap.add_argument("--no-linear", action="store_true")
     ap.add_argument("--linear-max-train", type=int, default=0, help="train the probe on at most N images")
     ap.add_argument("--json", metavar="FILE", help="append the results (one JSON object per line)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="with --minutes 0 (fixed steps) only: run this many variants at once, one process each")
     args = ap.parse_args(argv)
     variants = []
     for v in args.variant or ["base:"]:
@@ -124,6 +130,12 @@ def main(argv=None):
     budgets = [float(m) for m in str(args.minutes).split(",") if m.strip()]
     if not budgets or min(budgets) < 0:
         ap.error(f"--minutes: give budgets >= 0, comma-separated (got {args.minutes!r})")
+    if args.jobs > 1:
+        if budgets != [0.0]:
+            ap.error("--jobs > 1 needs --minutes 0: variants that share the machine would distort a time budget")
+        rows = run_parallel(args, argv if argv is not None else sys.argv[1:])
+        print_table(rows)
+        return 0
     rows = []
     for minutes in budgets:
         for name, settings in variants:
@@ -133,6 +145,56 @@ def main(argv=None):
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
+    print_table(rows)
+    return 0
+
+
+def run_parallel(args, argv: list[str]) -> list[dict]:
+    """Each ``--variant`` in a child process of this script (``--jobs`` at a time, each with its share
+    of the CPU threads); their rows, in the order of the variants."""
+    import os
+    import subprocess
+    import tempfile
+
+    common, skip = [], False
+    for i, a in enumerate(argv):  # drop --variant/--jobs/--json (and their values): set per child
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in ("--variant", "--jobs", "--json"):
+            skip = "=" not in a
+            continue
+        common.append(a)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    tmp = Path(tempfile.mkdtemp(prefix="quality-jobs-"))
+    pending, running, rows = list(enumerate(args.variant or ["base:"])), [], {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            i, v = pending.pop(0)
+            log = open(tmp / f"{i}.log", "w")
+            cmd = [sys.executable, __file__, *common, "--variant", v, "--json", str(tmp / f"{i}.jsonl")]
+            running.append((i, v, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            print(f"started {v} (log {tmp / f'{i}.log'})", flush=True)
+        time.sleep(1.0)
+        for job in [j for j in running if j[2].poll() is not None]:
+            i, v, proc, log = job
+            running.remove(job)
+            log.close()
+            out = tmp / f"{i}.jsonl"
+            if proc.returncode != 0 or not out.exists():
+                print(f"FAILED {v} (exit {proc.returncode}); its log: {tmp / f'{i}.log'}", flush=True)
+                continue
+            rows[i] = json.loads(out.read_text().splitlines()[-1])
+            print(json.dumps(rows[i]), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(rows[i]) + "\n")
+    return [rows[i] for i in sorted(rows)]
+
+
+def print_table(rows: list[dict]) -> None:
     print(f"\n{'variant':18s} {'min':>5s} {'epochs':>6s} {'steps':>6s} {'kNN':>7s} {'init':>7s} {'pixels':>7s} "
           f"{'linear':>7s}  settings")
     for r in rows:
@@ -140,7 +202,6 @@ def main(argv=None):
               f"{r.get('knn_init_top1', float('nan')):7.2f} {r.get('knn_pixels_top1', float('nan')):7.2f} "
               f"{r.get('linear_top1', r.get('final_linear_learned', float('nan'))):7.2f}  "
               f"{' '.join(r['settings'])}")
-    return 0
 
 
 if __name__ == "__main__":

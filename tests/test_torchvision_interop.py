@@ -63,7 +63,7 @@ def _cli(*args, timeout=300):
 def _pretrain(out: Path, arch: str, data_root: Path, pool: int = 1) -> None:
     """Two real steps of `swav pretrain`: the smoke preset with a standard-width, standard-stem,
     3-channel backbone (the architecture torchvision builds), small crops and a small head; ``pool``
-    is model.pool_size (2: the grid of the fashion-mnist preset)."""
+    is model.pool_size (4: the grid of the fashion-mnist preset)."""
     _cli("pretrain", "--preset", "smoke", "--arch", arch, "--no-report", "--out", out, "--epochs", 1,
          "--batch-size", 32, "--device", "cpu", "--precision", "fp32",
          *[a for kv in ("model.width_per_group=64", "model.widen=1", "model.in_chans=3", "model.small_stem=false",
@@ -93,9 +93,9 @@ def _our_features(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("arch,pool", [("resnet10", 1), ("resnet10", 2), ("resnet18", 1), ("resnet50", 1)])
+@pytest.mark.parametrize("arch,pool", [("resnet10", 1), ("resnet10", 4), ("resnet18", 1), ("resnet50", 1)])
 def test_torchvision_loads_exports_strictly_and_gives_our_features(arch, pool, tmp_path, fake_fmnist):
-    """pool 2: torchvision's ResNet with ``avgpool = AdaptiveAvgPool2d(2)`` gives our 2x2-grid features."""
+    """pool 4 (the fashion-mnist preset's grid): torchvision's ResNet with ``avgpool = AdaptiveAvgPool2d(4)`` gives our grid features."""
     tv_python = _tv_python()
     t0 = time.perf_counter()
     run = tmp_path / "run"

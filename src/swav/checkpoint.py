@@ -104,7 +104,7 @@ def load_official_state_dict(model: SwAVModel, state_dict: Mapping[str, torch.Te
 
 def _pool_size_of(sd: Mapping[str, torch.Tensor], channels: int) -> int:
     """The backbone's pooling grid side, read off the projection head's input width: the head takes
-    ``channels * pool_size**2`` features (1 for the official models, 2 for the fashion-mnist preset).
+    ``channels * pool_size**2`` features (1 for the official models, 4 for the fashion-mnist preset).
     A width that is no such multiple gives 1, and the strict load then reports the mismatch."""
     head = sd.get("projection_head.0.weight")
     if head is None or head.ndim != 2 or head.shape[1] <= channels:

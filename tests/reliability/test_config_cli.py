@@ -37,6 +37,7 @@ BAD_VALUES = {
     "model.width_per_group": ["0"],
     "model.widen": ["0"],
     "model.in_chans": ["0", "2"],
+    "model.pool_size": ["0", "-1"],
     "model.small_stem": ["maybe"],
     "model.hidden_mlp": ["-1"],
     "model.feat_dim": ["0"],

@@ -214,3 +214,26 @@ def test_pooled_grid_survives_the_official_layout():
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(back.backbone(x), model.backbone(x), rtol=0, atol=0)
+
+
+def test_head_precision_under_bf16_autocast():
+    """Under bf16 autocast only the head's first layer (F -> hidden) runs in bf16; z and the scores,
+    which Sinkhorn divides by eps, stay float32. The first layer's error is that of one bf16 matrix
+    product: within a few bf16 units (2**-8) of the float32 result, relative to the scores' scale."""
+    torch.manual_seed(0)
+    model = SwAVModel(create_backbone("resnet10", width_per_group=8, in_chans=1, small_stem=True, pool_size=2),
+                      hidden_mlp=64, feat_dim=16, nmb_prototypes=10).eval()
+    seen = {}
+    model.projection_head[0].register_forward_hook(lambda m, i, o: seen.__setitem__("first", o.dtype))
+    model.projection_head[3].register_forward_hook(lambda m, i, o: seen.__setitem__("last", o.dtype))
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        z32, s32 = model([x])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z16, s16 = model([x])
+    assert seen == {"first": torch.bfloat16, "last": torch.float32}
+    assert z16.dtype == s16.dtype == torch.float32
+    eps = 2.0 ** -8
+    assert (z16 - z32).abs().max() < 20 * eps
+    assert (s16 - s32).abs().max() < 20 * eps
+    assert (z16 - z32).abs().max() > 0  # the backbone and the first layer did run in bf16

@@ -68,7 +68,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # steps (4 epochs) and 87.5-87.7 % in 10 minutes; 4x4 (the 28-px map itself, 2,048-d) 88.85 %
         # in 10 minutes. Not better with the 2x2 grid: a stride-1 last stage (86.11, GAP), lr 1.2
         # (87.17), K = 300 (87.19), hidden_mlp 1024 (86.81), jitter 0.25 (84.88) / 0.75 (87.48) /
-        # 1.0 (collapsed, loss at ln K).
+        # 1.0 (collapsed, loss at ln K). With the 4x4 grid the curve is flat from 10 minutes on
+        # (88.4 % at 5, 89.1-89.4 % at 10, 20 and 40 minutes); the head's first layer (2,048 x 512)
+        # runs in bf16 under autocast, which made the step 1.3-1.4x faster.
         "data": {"source": "fashion-mnist", "workers": 0},
         "augment": {"size_crops": [28, 16], "nmb_crops": [2, 6],
                     "min_scale_crops": [0.3, 0.1], "max_scale_crops": [1.0, 0.3],

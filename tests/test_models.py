@@ -218,8 +218,10 @@ def test_pooled_grid_survives_the_official_layout():
 
 def test_head_precision_under_bf16_autocast():
     """Under bf16 autocast only the head's first layer (F -> hidden) runs in bf16; z and the scores,
-    which Sinkhorn divides by eps, stay float32. The first layer's error is that of one bf16 matrix
-    product: within a few bf16 units (2**-8) of the float32 result, relative to the scores' scale."""
+    which Sinkhorn divides by eps, stay float32. Their difference to float32 is the bf16 rounding of
+    the 11 convolutions and the first head layer (half a bf16 unit, 2**-8, relative each), which
+    the normalisations keep near that scale: seen 0.2-0.75 units here; the bound, 4 units of
+    |z| <= 1 and of the scores (|c_k| < 1 at this init), leaves room for other CPUs' rounding."""
     torch.manual_seed(0)
     model = SwAVModel(create_backbone("resnet10", width_per_group=8, in_chans=1, small_stem=True, pool_size=2),
                       hidden_mlp=64, feat_dim=16, nmb_prototypes=10).eval()
@@ -234,6 +236,6 @@ def test_head_precision_under_bf16_autocast():
     assert seen == {"first": torch.bfloat16, "last": torch.float32}
     assert z16.dtype == s16.dtype == torch.float32
     eps = 2.0 ** -8
-    assert (z16 - z32).abs().max() < 20 * eps
-    assert (s16 - s32).abs().max() < 20 * eps
+    assert (z16 - z32).abs().max() < 4 * eps
+    assert (s16 - s32).abs().max() < 4 * eps
     assert (z16 - z32).abs().max() > 0  # the backbone and the first layer did run in bf16

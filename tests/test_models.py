@@ -6,6 +6,7 @@ from swav.checkpoint import (StateDictMismatchError, load_official_state_dict, m
                              model_to_official_keys)
 from swav.loss import swav_loss
 from swav.models import SwAVModel, create_backbone, list_backbones
+from swav.models.resnet import GridPool
 
 # torchvision's parameter counts (with the 1000-class fc) and the official SwAV wide models (no fc)
 TORCHVISION_COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
@@ -204,13 +205,35 @@ def test_pool_size_keeps_a_grid_of_the_last_map_and_the_torchvision_weights(arch
         torch.testing.assert_close(out.view(3, -1, 4).mean(2), g1(x), **tol)
 
 
+@pytest.mark.parametrize("shape,p", [((3, 8, 4, 4), 4), ((3, 8, 2, 2), 4), ((3, 8, 1, 1), 4), ((3, 8, 2, 1), 4),
+                                     ((3, 8, 1, 2), 2), ((3, 8, 7, 7), 1), ((3, 8, 7, 7), 4), ((3, 8, 3, 3), 4),
+                                     ((3, 8, 8, 8), 4), ((3, 8, 1, 1), 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grid_pool_equals_adaptive_average_pooling(shape, p, channels_last):
+    """GridPool's shortcuts (a map already p x p; sides dividing p, replicated) give exactly the
+    values of nn.AdaptiveAvgPool2d(p), torchvision's avgpool, bit for bit (each grid cell there is
+    one map cell, copied), and its gradients up to the order of a sum of at most 16 terms (seen
+    bit for bit); other sizes go through adaptive pooling itself."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    want, got = nn.AdaptiveAvgPool2d(p)(x1), GridPool(p)(x2)
+    assert got.shape == want.shape == (shape[0], shape[1], p, p)
+    assert torch.equal(got, want)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    want.backward(g)
+    got.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=0, atol=16 * torch.finfo(torch.float32).eps * float(x1.grad.abs().max()))
+
+
 def test_pooled_grid_survives_the_official_layout():
     """An official-layout file of a pool_size=2 model loads back as pool_size=2: the grid is read off
     the projection head's input width (C * 4), and the features are the same."""
     model = SwAVModel(create_backbone("resnet10", small_stem=True, in_chans=1, width_per_group=16, pool_size=2),
                       hidden_mlp=32, feat_dim=16, nmb_prototypes=10).eval()
     back = model_from_official_state_dict(model_to_official_keys(model.state_dict(), prefix="module.")).eval()
-    assert back.backbone.avgpool.output_size == (2, 2) and back.backbone.num_features == 512
+    assert back.backbone.avgpool.pool_size == 2 and back.backbone.num_features == 512
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(back.backbone(x), model.backbone(x), rtol=0, atol=0)

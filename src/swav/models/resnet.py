@@ -16,9 +16,10 @@ import re
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "resnet_kwargs_from_state_dict", "RESNET_SPECS"]
+__all__ = ["ResNet", "BasicBlock", "Bottleneck", "GridPool", "resnet_kwargs_from_state_dict", "RESNET_SPECS"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -27,6 +28,37 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class GridPool(nn.Module):
+    """Average pooling of a feature map (B, C, h, w) to a p x p grid: the same values as
+    ``nn.AdaptiveAvgPool2d(p)`` (torchvision's ``avgpool`` with ``p`` = 1), with two exact shortcuts
+    that matter on a CPU, where the adaptive kernel's backward is slow: a map already p x p is
+    returned as it is, and a map whose sides divide p (the 2x2 map of a 16-px crop, p = 4) is
+    replicated, which is what adaptive pooling computes there (each grid cell averages exactly one
+    map cell: rows floor(i h / p) for i < p). Every other size goes through adaptive pooling.
+    """
+
+    def __init__(self, pool_size: int):
+        super().__init__()
+        self.pool_size = pool_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pool_size
+        h, w = x.shape[-2:]
+        if h == p and w == p:
+            return x
+        if h < p and w < p and p % h == 0 and p % w == 0:
+            # grid cell (i, j) <- map cell (i // (p / h), j // (p / w)); index_select's backward
+            # sums the replicated gradients, as adaptive pooling's backward does
+            rows = torch.arange(p, device=x.device) // (p // h)
+            cols = torch.arange(p, device=x.device) // (p // w)
+            index = (rows[:, None] * w + cols[None, :]).reshape(-1)  # (p*p,) into the flattened map
+            return torch.flatten(x, 2).index_select(2, index).unflatten(2, (p, p))
+        return F.adaptive_avg_pool2d(x, (p, p))
+
+    def extra_repr(self) -> str:
+        return f"pool_size={self.pool_size}"
 
 
 class BasicBlock(nn.Module):
@@ -124,7 +156,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, base * 4, layers[2], stride=2)
         self.layer4 = self._make_layer(block, base * 8, layers[3], stride=2)
         self.pool_size = pool_size
-        self.avgpool = nn.AdaptiveAvgPool2d((pool_size, pool_size))
+        self.avgpool = GridPool(pool_size)
         self.num_features = base * 8 * block.expansion * pool_size * pool_size
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else None
 

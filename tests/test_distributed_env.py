@@ -176,9 +176,61 @@ def _worker(rank: int, world: int, port: int) -> None:
 
         got = D.broadcast_object({"seed": 1234} if rank == 0 else None)
         assert got == {"seed": 1234}
+
+        # autograd all-reduce: y = x_0 + x_1 on both ranks, L_r = (r + 1) * sum(y), so
+        # dL/dx_r = dL_0/dy + dL_1/dy = 1 + 2 on every rank
+        x = (torch.tensor([1.0, 2.0]) * (rank + 1)).requires_grad_()
+        y = D.all_reduce_sum_autograd(x)
+        assert torch.equal(y.detach(), torch.tensor([3.0, 6.0])), y
+        ((rank + 1) * y.sum()).backward()
+        assert torch.equal(x.grad, torch.full((2,), 3.0)), x.grad
+        _sync_batchnorm_equals_batchnorm_over_the_global_batch(rank)
         D.barrier()
     finally:
         D.cleanup()
+    # every thread of the group is gone with it: a group kept alive past cleanup() (as torch's
+    # distributed.nn.functional.all_reduce did, holding it as a default argument) keeps gloo's
+    # threads running into the interpreter's exit, where they can abort the process
+    if os.path.isdir("/proc/self/task"):
+        assert _gloo_threads() == [], _gloo_threads()
+
+
+def _gloo_threads() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return [n for n in names if "gloo" in n]
+
+
+def _sync_batchnorm_equals_batchnorm_over_the_global_batch(rank: int) -> None:
+    """Each rank holds half of a batch of 6: CPUSyncBatchNorm's output and input gradient are those
+    of one BatchNorm2d over all 6, and its parameter gradients summed over ranks are that one's."""
+    g = torch.Generator().manual_seed(0)
+    x_all = torch.randn(6, 4, 3, 3, generator=g) * 2 + 1  # N(1, 4): values O(1), variance O(1)
+    w_all = torch.randn(6, 4, 3, 3, generator=g)  # L = sum(w * BN(x))
+    ref = torch.nn.BatchNorm2d(4)
+    x_ref = x_all.clone().requires_grad_()
+    y_ref = ref(x_ref)
+    (w_all * y_ref).sum().backward()
+
+    bn = D.CPUSyncBatchNorm(4)
+    part = slice(3 * rank, 3 * rank + 3)
+    x = x_all[part].clone().requires_grad_()
+    y = bn(x)
+    (w_all[part] * y).sum().backward()
+    # float32: the one-pass variance sum(x^2)/N - mean^2 against torch's two-pass one differs by a
+    # few ulps of E[x^2] (about 5 here), which the 1/sigma and the backward scale by O(1)
+    tol = dict(rtol=0, atol=64 * torch.finfo(torch.float32).eps * 5)
+    torch.testing.assert_close(y, y_ref[part], **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad[part], **tol)
+    torch.testing.assert_close(D.all_reduce_sum(bn.weight.grad), ref.weight.grad, **tol)
+    torch.testing.assert_close(D.all_reduce_sum(bn.bias.grad), ref.bias.grad, **tol)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, **tol)
+    torch.testing.assert_close(bn.running_var, ref.running_var, **tol)
 
 
 def test_two_process_gloo_collectives():

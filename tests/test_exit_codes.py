@@ -337,3 +337,46 @@ def test_the_table():
         assert exit_status(exc)[0] == code, (exc, exit_status(exc))
     for bug in (RuntimeError("x"), TypeError("x"), KeyError("x"), AttributeError("x"), AssertionError()):
         assert exit_status(bug) is None, bug
+
+
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("job", [False, True], ids=["single", "torchrun-rank"])
+def test_the_program_exits_with_mains_code_a_job_rank_without_finalisation(monkeypatch, capsys, job):
+    """``swav`` (swav.cli.entry): a single process exits through sys.exit; a rank of a multi-process
+    job flushes its output and ends with os._exit, skipping the interpreter's finalisation (where
+    gloo's threads, kept alive by DistributedDataParallel, can abort the process)."""
+    import swav.cli
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    if job:
+        for var, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", "29500")):
+            monkeypatch.setenv(var, value)
+
+    def fake_main(argv):
+        print("the command's last line", end="")  # no newline: only a flush writes it out
+        return 3
+
+    exits = []
+
+    def fake_exit(code):
+        exits.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(swav.cli, "main", fake_main)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    # the log file is flushed and closed first (pytest's own handlers are left open here)
+    monkeypatch.setattr(swav.cli.logging, "shutdown", lambda: exits.append("logging.shutdown"))
+    if job:
+        with pytest.raises(_Exited):
+            swav.cli.entry([])
+        assert exits == ["logging.shutdown", 3]
+    else:
+        with pytest.raises(SystemExit) as e:
+            swav.cli.entry([])
+        assert e.value.code == 3 and exits == []
+    assert capsys.readouterr().out == "the command's last line"

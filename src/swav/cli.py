@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import textwrap
 
@@ -129,5 +131,30 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The ``swav`` program (console script and ``python -m swav.cli``): exits with :func:`main`'s code.
+
+    A process of a multi-process job (torchrun, srun) ends at once after flushing its output,
+    without the interpreter's finalisation: torch's DistributedDataParallel keeps the gloo group
+    and its threads alive after ``destroy_process_group`` (nothing in torch 2.13 stops them), and
+    a C++ thread that touches a Python object while the interpreter finalises ends the process
+    with SIGABRT ("terminate called without an active exception"), which torchrun reports as a
+    failed job although every output was written.
+    """
+    code = main(argv)
+    from swav.distributed import read_env
+
+    try:
+        in_job = read_env().is_distributed
+    except ValueError:  # a malformed launcher environment: the command ran as a single process
+        in_job = False
+    if in_job:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()  # flushes and closes the run's log file
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -35,6 +35,7 @@ __all__ = [
     "is_main",
     "barrier",
     "all_reduce_sum",
+    "all_reduce_sum_autograd",
     "all_reduce_mean",
     "all_gather_cat",
     "broadcast_object",
@@ -288,6 +289,36 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum_r x_r on every rank; every rank's loss L_r depends on y, so dL/dx_r = sum_r' dL_r'/dy.
+
+    The default process group is looked up at each call, never held: torch's
+    ``torch.distributed.nn.functional.all_reduce`` binds the group as a default argument when it is
+    first imported, which keeps a destroyed group (and gloo's threads) alive until the interpreter
+    exits, where tearing them down can abort the process (SIGABRT).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # x: any shape, the same on every rank
+        y = x.detach().clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:
+        grad_x = grad_y.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad_x, op=dist.ReduceOp.SUM)
+        return grad_x
+
+
+def all_reduce_sum_autograd(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks that gradients flow through (the backward sums the gradients
+    over ranks); the identity, as a new tensor, outside a process group."""
+    if not is_dist():
+        return t.clone()
+    return _AllReduceSum.apply(t)
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Element-wise mean over ranks, as a new tensor (integer inputs give a float result)."""
     return all_reduce_sum(t) / get_world_size()
@@ -361,14 +392,12 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_dist() and get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as ag_all_reduce
-
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         xf = x.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
         stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-        stats = ag_all_reduce(stats)
+        stats = all_reduce_sum_autograd(stats)
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n

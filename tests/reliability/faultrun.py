@@ -120,6 +120,6 @@ runstate_mod.save_atomic = counted_save
 runstate_mod.link_atomic = counted_link
 
 if __name__ == "__main__":
-    from swav.cli import main
+    from swav.cli import entry
 
-    sys.exit(main(sys.argv[1:]))
+    entry(sys.argv[1:])

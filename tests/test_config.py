@@ -210,6 +210,8 @@ def _smoke(**changes):
     ({"augment__mean": [0.5, 0.5, 0.5]}, "augment.mean has 3"),
     ({"augment__std": [0.0]}, "augment.std[0]"),
     ({"augment__blur_sigma": [2.0, 0.1]}, "augment.blur_sigma"),
+    ({"augment__erase_prob": -0.5}, "augment.erase_prob"),
+    ({"augment__erase_scale": [0.2, 1.0]}, "augment.erase_scale"),
     ({"swav__queue_length": 32}, "shorter than the global batch"),
     ({"swav__queue_length": 100}, "nearest valid values: 64 or 128"),
     ({"swav__queue_length": -1}, "swav.queue_length"),

@@ -28,7 +28,8 @@ def build_multicrop(cfg: Config) -> MultiCrop:
     return MultiCrop(a.size_crops, a.nmb_crops, a.min_scale_crops, a.max_scale_crops, a.flip_prob,
                      a.jitter_strength, a.jitter_prob, a.grayscale_prob, a.blur_prob, tuple(a.blur_sigma),
                      tuple(a.mean), tuple(a.std), in_chans=cfg.model.in_chans,
-                     channels_last=cfg.train.channels_last)
+                     channels_last=cfg.train.channels_last, erase_prob=a.erase_prob,
+                     erase_scale=tuple(a.erase_scale))
 
 
 def build_training_state(cfg: Config, device: torch.device, world: int, precision: str):

@@ -440,3 +440,61 @@ def test_sync_free_path_matches_cpu_path(chans):
     b = mc(img, sizes, p)
     for x, y in zip(a, b):
         assert torch.allclose(x, y, atol=5e-5)  # float rounding of the shifted sample positions only
+
+
+# ------------------------------------------------------------------------------------------
+# random erasing
+# ------------------------------------------------------------------------------------------
+def tv_erase_params(side, scale, u_trials, u_pos):
+    """Scalar re-statement of torchvision's RandomErasing.get_params (ratio 0.3-3.3) on given
+    uniforms, for a side x side crop; None when no trial fits."""
+    lr = (math.log(0.3), math.log(3.3))
+    for t in range(10):
+        target = side * side * (scale[0] + (scale[1] - scale[0]) * float(u_trials[t, 0]))
+        ar = math.exp(lr[0] + (lr[1] - lr[0]) * float(u_trials[t, 1]))
+        h, w = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+        if h < side and w < side:
+            return min(int(float(u_pos[0]) * (side - h + 1)), side - h), min(int(float(u_pos[1]) * (side - w + 1)), side - w), h, w
+    return None
+
+
+def test_erasing_sets_torchvisions_box_to_the_mean_and_leaves_the_rest():
+    """erase_prob 1: each crop equals the crop without erasing outside one box, 0 inside it; the box
+    is torchvision's RandomErasing on the same uniforms. The draws of the other ops are those of
+    a module without erasing (its uniforms come from a second call)."""
+    n = 64
+    img = torch.randint(1, 256, (n, 1, 28, 28), generator=gen(40)).to(torch.uint8)
+    kw = dict(in_chans=1, mean=(0.0,), std=(1.0,), flip_prob=0.5, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0)
+    plain = MultiCrop([28, 16], [2, 3], [0.5, 0.1], [1.0, 0.3], **kw)
+    erasing = MultiCrop([28, 16], [2, 3], [0.5, 0.1], [1.0, 0.3], erase_prob=1.0, erase_scale=(0.02, 0.6), **kw)
+    p_plain, p = plain.sample_params(n, gen(41)), erasing.sample_params(n, gen(41))
+    assert set(p) - set(p_plain) == {"erase", "erase_trials", "erase_pos"}
+    assert all(torch.equal(p_plain[k], p[k]) for k in p_plain)
+    ref, out = plain(img, None, p_plain), erasing(img, None, p)
+    sides = [28, 28, 16, 16, 16]
+    erased = 0
+    for k, (r, o, side) in enumerate(zip(ref, out, sides)):
+        assert (r > 0).all()  # no pixel is 0 before erasing (images in 1..255, mean 0)
+        for i in range(n):
+            box = tv_erase_params(side, (0.02, 0.6), p["erase_trials"][i, k], p["erase_pos"][i, k])
+            mask = torch.zeros(side, side, dtype=torch.bool)
+            if box is not None:
+                y0, x0, h, w = box
+                mask[y0:y0 + h, x0:x0 + w] = True
+                erased += h * w > 0
+            assert torch.equal(o[i, 0] == 0, mask), (i, k, box)
+            assert torch.equal(o[i, 0][~mask], r[i, 0][~mask])
+    assert erased > 0.9 * n * len(sides)
+
+
+def test_erasing_probability_and_validation():
+    n = 4000
+    mc = MultiCrop([16], [2], [0.5], [1.0], in_chans=1, mean=(0.5,), std=(0.25,), erase_prob=0.3)
+    cp = mc.concrete_params(torch.tensor([[28, 28]]).expand(n, 2), mc.sample_params(n, gen(42)))
+    rate = cp["erase"].float().mean().item()
+    # binomial: 2n crops, sd = sqrt(0.3 * 0.7 / 2n) = 0.0051; 5 sd (a trial never fits: rarer still)
+    assert abs(rate - 0.3) < 5 * math.sqrt(0.3 * 0.7 / (2 * n)), rate
+    assert "erase" not in MultiCrop([16], [2], [0.5], [1.0]).sample_params(2, gen(0))
+    for bad in ((0.0, 0.3), (0.4, 0.3), (0.1, 1.0)):
+        with pytest.raises(ValueError, match="erase scale"):
+            MultiCrop([16], [2], [0.5], [1.0], erase_prob=0.5, erase_scale=bad)

@@ -31,6 +31,8 @@ BAD_VALUES = {
     "augment.grayscale_prob": ["-0.5"],
     "augment.blur_prob": ["7"],
     "augment.blur_sigma": ["[2.0,0.1]", "[1.0]"],
+    "augment.erase_prob": ["1.5"],
+    "augment.erase_scale": ["[0.3,0.1]", "[0.1]", "[0.1,1.0]"],
     "augment.mean": ["[0.5,0.5,0.5]"],
     "augment.std": ["[0]"],
     "model.arch": ["resnet51"],

@@ -87,6 +87,10 @@ class AugmentConfig:
     blur_prob: float = _f(0.5, "probability of Gaussian blur; use 0 for images below ~64 px where "
                                "blur destroys the content")
     blur_sigma: list[float] = _f([0.1, 2.0], "range [min, max] of the Gaussian blur sigma in pixels")
+    erase_prob: float = _f(0.0, "probability of random erasing of each crop after normalisation "
+                                "(Zhong et al. 2020; not in the paper's recipe): a box set to the mean")
+    erase_scale: list[float] = _f([0.02, 0.33], "range [min, max] of the erased box's area fraction "
+                                               "of the crop, 0 < min <= max < 1")
     mean: list[float] = _f([0.485, 0.456, 0.406], "per-channel normalisation mean (one value per "
                                                   "input channel)")
     std: list[float] = _f([0.228, 0.224, 0.225], "per-channel normalisation std (one value per "

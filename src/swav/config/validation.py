@@ -104,13 +104,15 @@ def _check_augment(found: _Findings, a: AugmentConfig, m: ModelConfig) -> None:
     against the model's input channels."""
     err = found.err
     _check_crop_groups(found, a)
-    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob"):
+    for key in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "erase_prob"):
         found.prob(f"augment.{key}", getattr(a, key))
     found.at_least("augment.jitter_strength", a.jitter_strength, 0.0, "0 disables colour jitter")
     if len(a.blur_sigma) != 2:
         err(f"augment.blur_sigma = {a.blur_sigma} must be [min, max], e.g. [0.1, 2.0]")
     elif not 0.0 < a.blur_sigma[0] <= a.blur_sigma[1]:
         err(f"augment.blur_sigma = {a.blur_sigma} must satisfy 0 < min <= max")
+    if len(a.erase_scale) != 2 or not 0.0 < a.erase_scale[0] <= a.erase_scale[1] < 1.0:
+        err(f"augment.erase_scale = {a.erase_scale} must be [min, max] with 0 < min <= max < 1, e.g. [0.02, 0.33]")
     for key, vals in (("augment.mean", a.mean), ("augment.std", a.std)):
         if len(vals) != m.in_chans:
             err(f"{key} has {len(vals)} value(s) but model.in_chans = {m.in_chans}; give one per "

@@ -24,7 +24,13 @@ Per crop, the recipe is the official SwAV one (torchvision semantics):
 4. ``RandomGrayscale`` (ITU-R 601-2 luma);
 5. Gaussian blur with prob. ``blur_prob``, sigma ~ U(blur_sigma), kernel radius ceil(3 sigma),
    reflect padding (separable, again as two batched matmuls with per-sample banded matrices);
-6. ``Normalize(mean, std)``.
+6. ``Normalize(mean, std)``;
+7. with prob. ``erase_prob`` (0 in the official recipes), random erasing (Zhong et al. 2020,
+   torchvision's ``RandomErasing(scale=erase_scale, ratio=(0.3, 3.3), value=0)`` after the
+   normalisation): a box of area fraction ~ U(erase_scale) and log aspect ratio ~ U(log 0.3,
+   log 3.3), the first of 10 trials that fits strictly inside the crop, set to 0 (the mean); no
+   box when none fits. Its uniforms are drawn in a second call only when ``erase_prob > 0``, so
+   the draws of every other step stay those of a run without it.
 
 For 1-channel images saturation, hue and grayscale are no-ops (as in torchvision).
 """
@@ -216,7 +222,8 @@ class MultiCrop(nn.Module):
                  max_scale_crops: Sequence[float], flip_prob: float = 0.5, jitter_strength: float = 1.0,
                  jitter_prob: float = 0.8, grayscale_prob: float = 0.2, blur_prob: float = 0.5,
                  blur_sigma: tuple[float, float] = (0.1, 2.0), mean=(0.485, 0.456, 0.406),
-                 std=(0.228, 0.224, 0.225), in_chans: int = 3, channels_last: bool = False):
+                 std=(0.228, 0.224, 0.225), in_chans: int = 3, channels_last: bool = False,
+                 erase_prob: float = 0.0, erase_scale: tuple[float, float] = (0.02, 0.33)):
         super().__init__()
         if not (len(size_crops) == len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops)):
             raise ValueError("size_crops, nmb_crops, min_scale_crops, max_scale_crops must have equal lengths")
@@ -238,6 +245,10 @@ class MultiCrop(nn.Module):
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.in_chans = int(in_chans)
         self.channels_last = bool(channels_last)
+        self.erase_prob = float(erase_prob)
+        self.erase_scale = (float(erase_scale[0]), float(erase_scale[1]))
+        if not 0.0 < self.erase_scale[0] <= self.erase_scale[1] < 1.0:
+            raise ValueError(f"bad erase scale range {self.erase_scale}: need 0 < min <= max < 1")
         # sync_free: None = auto (False on CPU, True elsewhere). When False, shapes may depend on
         # the data (host syncs, free on CPU): each crop is resampled from a per-sample window as
         # large as the batch's largest box instead of the whole padded image (the dropped pixels
@@ -251,6 +262,7 @@ class MultiCrop(nn.Module):
         crop_group = [g for g, k in enumerate(self.nmb_crops) for _ in range(k)]
         self.register_buffer("_crop_smin", torch.tensor([self.min_scale_crops[g] for g in crop_group], dtype=torch.float64), persistent=False)
         self.register_buffer("_crop_smax", torch.tensor([self.max_scale_crops[g] for g in crop_group], dtype=torch.float64), persistent=False)
+        self.register_buffer("_crop_side", torch.tensor([self.size_crops[g] for g in crop_group], dtype=torch.float64), persistent=False)
         self.register_buffer("mean", _as_channel_tensor(mean, self.in_chans, "mean"), persistent=False)
         self.register_buffer("std", _as_channel_tensor(std, self.in_chans, "std"), persistent=False)
 
@@ -259,7 +271,9 @@ class MultiCrop(nn.Module):
         """Raw uniforms on the generator's device: ``_N_DRAWS`` per (sample, crop), one call.
 
         Keys (all ``(n, n_crops, ...)`` float32 in [0, 1)): rrc ``(.., 10, 2)``, pos ``(.., 2)``,
-        flip, jitter, factors ``(.., 4)``, order ``(.., 4)``, gray, blur, sigma."""
+        flip, jitter, factors ``(.., 4)``, order ``(.., 4)``, gray, blur, sigma; with
+        ``erase_prob > 0`` also erase, erase_trials ``(.., 10, 2)``, erase_pos ``(.., 2)``, from a
+        second call."""
         u = torch.rand(n, self.n_crops, _N_DRAWS, generator=generator, device=generator.device)
         out, i = {}, 0
         for name, k in _LAYOUT:
@@ -270,7 +284,35 @@ class MultiCrop(nn.Module):
                 v = v[..., 0]
             out[name] = v
             i += k
+        if self.erase_prob > 0:
+            e = torch.rand(n, self.n_crops, 3 + 2 * _N_TRIALS, generator=generator, device=generator.device)
+            out["erase"] = e[..., 0]
+            out["erase_trials"] = e[..., 1:1 + 2 * _N_TRIALS].reshape(n, self.n_crops, _N_TRIALS, 2)
+            out["erase_pos"] = e[..., 1 + 2 * _N_TRIALS:]
         return out
+
+    def _erase_boxes(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """torchvision's RandomErasing.get_params on each (sample, crop) of side S: trial t has
+        area S^2 * U(erase_scale) and ratio r = exp(U(log 0.3, log 3.3)), h = round(sqrt(area r)),
+        w = round(sqrt(area / r)); the first with h < S and w < S is placed at (floor(u (S - h + 1)),
+        floor(u' (S - w + 1))). Returns (on (N, K) bool: drawn and a trial fits, boxes (N, K, 4)
+        int64 y0, x0, h, w in crop pixels)."""
+        u = params["erase_trials"].double()  # (N, K, T, 2)
+        side = self._crop_side.to(u.device)[None, :, None]  # (1, K, 1)
+        target = side * side * (self.erase_scale[0] + (self.erase_scale[1] - self.erase_scale[0]) * u[..., 0])
+        lr0, lr1 = math.log(0.3), math.log(3.3)
+        ar = torch.exp(lr0 + (lr1 - lr0) * u[..., 1])
+        h = torch.round(torch.sqrt(target * ar))
+        w = torch.round(torch.sqrt(target / ar))
+        ok = (h < side) & (w < side)
+        first = torch.argmax(ok.to(torch.uint8), dim=-1, keepdim=True)
+        h, w = h.gather(-1, first)[..., 0], w.gather(-1, first)[..., 0]  # (N, K)
+        side = side[..., 0]
+        pos = params["erase_pos"].double()
+        y0 = torch.minimum(torch.floor(pos[..., 0] * (side - h + 1)), side - h)
+        x0 = torch.minimum(torch.floor(pos[..., 1] * (side - w + 1)), side - w)
+        on = (params["erase"] < self.erase_prob) & ok.any(-1)
+        return on, torch.stack([y0, x0, h, w], -1).to(torch.int64)
 
     def concrete_params(self, sizes: torch.Tensor, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Concrete per-(sample, crop) parameters, on the params' device. Returns a dict of
@@ -321,7 +363,11 @@ class MultiCrop(nn.Module):
         if self.in_chans == 1:  # saturation and hue are no-ops on 1-channel images
             factors = factors * torch.tensor([1.0, 1.0, 0.0, 0.0], device=dev) + torch.tensor([0.0, 0.0, 1.0, 0.0], device=dev)
         s0, s1 = self.blur_sigma
+        erase = {}
+        if self.erase_prob > 0:
+            erase["erase"], erase["erase_box"] = self._erase_boxes(params)
         return {
+            **erase,
             "boxes": boxes,
             "trial": trial,
             "flip": params["flip"] < self.flip_prob,
@@ -379,6 +425,8 @@ class MultiCrop(nn.Module):
             x = group.view(k * n, c, size, size)
             x = self._photometric(x, g, sync_free)
             x = x.sub_(self.mean.to(x.device).view(1, c, 1, 1)).div_(self.std.to(x.device).view(1, c, 1, 1))
+            if self.erase_prob > 0:
+                x = _erase(x, g["erase"], g["erase_box"])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             outs.extend(x.view(k, n, c, size, size).unbind(0))
@@ -422,6 +470,17 @@ class MultiCrop(nn.Module):
         for t in range(3):
             x = _blend_pass(x, non_hue[:, t], torch.where(hue_pos <= t, f_non_hue[:, t], one))
         return x
+
+
+def _erase(x: torch.Tensor, on: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """x (M, C, S, S) with rows y0 <= i < y0 + h, columns x0 <= j < x0 + w set to 0 where ``on``
+    (M,); box (M, 4) = y0, x0, h, w."""
+    s = torch.arange(x.shape[-1], device=x.device)
+    y0, x0, h, w = box.unbind(-1)
+    rows = (s >= y0[:, None]) & (s < (y0 + h)[:, None])  # (M, S)
+    cols = (s >= x0[:, None]) & (s < (x0 + w)[:, None])
+    mask = rows[:, :, None] & cols[:, None, :] & on[:, None, None]  # (M, S, S)
+    return x.masked_fill_(mask[:, None], 0.0)
 
 
 def _apply_where(x: torch.Tensor, mask: torch.Tensor, sync_free: bool, fn) -> torch.Tensor:

@@ -183,6 +183,28 @@ def _blur_matrix(sigma: torch.Tensor, on: torch.Tensor, size: int, max_radius: i
     return (w @ onehot.reshape(offs.numel(), size * size)).view(m, size, size)
 
 
+def _trial_sides(target: torch.Tensor, u: torch.Tensor, ratio: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sides of torchvision's random box trials (RandomResizedCrop, RandomErasing): aspect
+    r = exp(U(log ratio_0, log ratio_1)) from ``u``; returns (round(sqrt(target r)),
+    round(sqrt(target / r))), float64 like ``target`` (..., T)."""
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    ar = torch.exp(lr0 + (lr1 - lr0) * u)
+    return torch.round(torch.sqrt(target * ar)), torch.round(torch.sqrt(target / ar))
+
+
+def _first_true(ok: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first trial where ``ok`` (..., T) holds (0 where none does) and each of ``values``
+    (..., T) at it: (first (...), [value (...), ...])."""
+    first = torch.argmax(ok.to(torch.uint8), dim=-1, keepdim=True)
+    return first[..., 0], [v.gather(-1, first)[..., 0] for v in values]
+
+
+def _place(u: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+    """torchvision's random offset of a box with ``free`` pixels of slack: randint(0, free + 1)
+    as floor(u (free + 1)), kept <= free against rounding."""
+    return torch.minimum(torch.floor(u * (free + 1)), free)
+
+
 # --------------------------------------------------------------------------------------------
 # modules
 # --------------------------------------------------------------------------------------------
@@ -300,17 +322,12 @@ class MultiCrop(nn.Module):
         u = params["erase_trials"].double()  # (N, K, T, 2)
         side = self._crop_side.to(u.device)[None, :, None]  # (1, K, 1)
         target = side * side * (self.erase_scale[0] + (self.erase_scale[1] - self.erase_scale[0]) * u[..., 0])
-        lr0, lr1 = math.log(0.3), math.log(3.3)
-        ar = torch.exp(lr0 + (lr1 - lr0) * u[..., 1])
-        h = torch.round(torch.sqrt(target * ar))
-        w = torch.round(torch.sqrt(target / ar))
+        h, w = _trial_sides(target, u[..., 1], (0.3, 3.3))
         ok = (h < side) & (w < side)
-        first = torch.argmax(ok.to(torch.uint8), dim=-1, keepdim=True)
-        h, w = h.gather(-1, first)[..., 0], w.gather(-1, first)[..., 0]  # (N, K)
+        _, (h, w) = _first_true(ok, h, w)  # (N, K)
         side = side[..., 0]
         pos = params["erase_pos"].double()
-        y0 = torch.minimum(torch.floor(pos[..., 0] * (side - h + 1)), side - h)
-        x0 = torch.minimum(torch.floor(pos[..., 1] * (side - w + 1)), side - w)
+        y0, x0 = _place(pos[..., 0], side - h), _place(pos[..., 1], side - w)
         on = (params["erase"] < self.erase_prob) & ok.any(-1)
         return on, torch.stack([y0, x0, h, w], -1).to(torch.int64)
 
@@ -334,15 +351,10 @@ class MultiCrop(nn.Module):
         u = params["rrc"].double()  # (N, K, T, 2)
         smin, smax = self._crop_smin.to(dev)[None, :, None], self._crop_smax.to(dev)[None, :, None]
         target = area[:, :, None] * (smin + (smax - smin) * u[..., 0])
-        lr0, lr1 = math.log(self.ratio[0]), math.log(self.ratio[1])
-        ar = torch.exp(lr0 + (lr1 - lr0) * u[..., 1])
-        w = torch.round(torch.sqrt(target * ar))
-        h = torch.round(torch.sqrt(target / ar))
+        w, h = _trial_sides(target, u[..., 1], self.ratio)
         ok = (w > 0) & (w <= width[:, :, None]) & (h > 0) & (h <= height[:, :, None])
         any_ok = ok.any(-1)
-        first = torch.argmax(ok.to(torch.uint8), dim=-1, keepdim=True)  # first True (0 if none)
-        w_t = w.gather(-1, first)[..., 0]
-        h_t = h.gather(-1, first)[..., 0]
+        first, (w_t, h_t) = _first_true(ok, w, h)  # (N, K): the accepted trial (0 if none)
         # fallback: whole image, centre-cropped to the ratio range
         in_ratio = width / height
         fb_w = torch.where(in_ratio < self.ratio[0], width,
@@ -353,10 +365,10 @@ class MultiCrop(nn.Module):
         bh = torch.where(any_ok, h_t, fb_h)
         pos = params["pos"].double()
         free_y, free_x = height - bh, width - bw
-        y0 = torch.where(any_ok, torch.minimum(torch.floor(pos[..., 0] * (free_y + 1)), free_y), torch.floor(free_y / 2))
-        x0 = torch.where(any_ok, torch.minimum(torch.floor(pos[..., 1] * (free_x + 1)), free_x), torch.floor(free_x / 2))
+        y0 = torch.where(any_ok, _place(pos[..., 0], free_y), torch.floor(free_y / 2))
+        x0 = torch.where(any_ok, _place(pos[..., 1], free_x), torch.floor(free_x / 2))
         boxes = torch.stack([y0, x0, bh, bw], -1).to(torch.int64)
-        trial = torch.where(any_ok, first[..., 0], torch.full_like(first[..., 0], -1))
+        trial = torch.where(any_ok, first, torch.full_like(first, -1))
         # ---- flags and factors
         jr = torch.tensor(self.jitter_ranges, device=dev, dtype=torch.float32)  # (4, 2)
         factors = jr[:, 0] + (jr[:, 1] - jr[:, 0]) * params["factors"].float()

@@ -262,3 +262,33 @@ def test_head_precision_under_bf16_autocast():
     assert (z16 - z32).abs().max() < 4 * eps
     assert (s16 - s32).abs().max() < 4 * eps
     assert (z16 - z32).abs().max() > 0  # the backbone and the first layer did run in bf16
+
+
+@pytest.mark.parametrize("arch", ["resnet10", "resnet50"])
+def test_zero_init_residual_starts_each_block_as_its_shortcut(arch):
+    """``model.zero_init_residual=true``: every residual branch's last BatchNorm starts at gamma 0,
+    so each block computes relu(shortcut(x)) at init; the default keeps the official init (gamma 1,
+    the branch adds to the output). Built through the config, as the trainer builds it."""
+    from swav.build import build_model
+    from swav.config import make_config
+
+    def built(flag):
+        cfg = make_config("smoke", overrides=[f"model.arch={arch}", f"model.zero_init_residual={flag}"])
+        torch.manual_seed(0)
+        return build_model(cfg).backbone.eval()
+
+    x = torch.randn(3, 1, 28, 28)
+    for flag in (True, False):
+        net = built(flag)
+        h = net.relu(net.bn1(net.conv1(x)))
+        for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+            for block in layer:
+                last_bn = block.bn3 if hasattr(block, "bn3") else block.bn2
+                assert torch.all(last_bn.weight == (0.0 if flag else 1.0))
+                shortcut = h if block.downsample is None else block.downsample(h)
+                out = block(h)
+                if flag:
+                    torch.testing.assert_close(out, torch.relu(shortcut), rtol=0, atol=0)
+                else:
+                    assert not torch.allclose(out, torch.relu(shortcut))
+                h = out

@@ -18,7 +18,8 @@ def build_model(cfg: Config) -> SwAVModel:
     """The SwAV network of a config (deterministic given torch's RNG state)."""
     m = cfg.model
     backbone = create_backbone(m.arch, width_per_group=m.width_per_group, widen=m.widen,
-                               in_chans=m.in_chans, small_stem=m.small_stem, pool_size=m.pool_size)
+                               in_chans=m.in_chans, small_stem=m.small_stem, pool_size=m.pool_size,
+                               zero_init_residual=m.zero_init_residual)
     return SwAVModel(backbone, hidden_mlp=m.hidden_mlp, feat_dim=m.feat_dim, nmb_prototypes=m.nmb_prototypes)
 
 

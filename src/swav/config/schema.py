@@ -111,6 +111,9 @@ class ModelConfig:
     pool_size: int = _f(1, "side of the average-pooling grid over the backbone's last feature map: 1 = "
                            "global average pooling (torchvision's); 2 keeps the coarse layout (2x2 cells, "
                            "4x the features)")
+    zero_init_residual: bool = _f(False, "start the last BatchNorm of each residual branch at zero "
+                                         "(Goyal et al. 2017; torchvision's option), so each block "
+                                         "starts as its shortcut; False in the official code")
     hidden_mlp: int = _f(2048, "hidden width of the 2-layer projection head (0 = a single linear "
                                "layer)")
     feat_dim: int = _f(128, "dimension of the L2-normalised features and prototypes (128 in the "

@@ -178,3 +178,18 @@ def test_an_unusable_run_json_is_named_and_the_rest_is_used(finished_run, tmp_pa
     assert note == "run.json: ignored value(s) of unexpected type: device, images, starts, warnings."
     text = run_text(render(run, tmp_path / "b.html"))
     assert note in text and f"host {good['host']}" in text and "finished: 8 of 8 steps" in text
+
+
+def test_the_model_row_says_how_the_network_started(tmp_path):
+    """The report's model row names the grid pooling and the zero-init residual branches, so the
+    comparison with the network at initialisation says which initialisation that was."""
+    from swav.config import make_config
+    from swav.report import _run_rows
+    from swav.report.runinfo import RunFacts
+
+    def model_row(*overrides):
+        rows, _ = _run_rows(RunFacts(run_dir=tmp_path), make_config("fashion-mnist", overrides=list(overrides)))
+        return dict(rows)["model"]
+
+    assert "4x4 grid" in model_row() and "residual branches zero at init" in model_row()
+    assert "residual branches zero at init" not in model_row("model.zero_init_residual=false")

@@ -119,8 +119,8 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
                       "from epoch 15, fp16 (set data.source to your ImageNet train folder)",
     "cifar": "CIFAR-10, ResNet-18 small stem, 2x32+4x16 crops, batch 256, queue 3840 from "
              "epoch 50, 500 epochs",
-    "fashion-mnist": "Fashion-MNIST on one CPU or GPU in about 10 minutes: narrow ResNet-10 with "
-                     "4x4-pooled features, 2x28+6x16 crops, 100 prototypes, batch 64, LARS lr 2.4, bf16 where native, "
+    "fashion-mnist": "Fashion-MNIST on one CPU or GPU in about 10 minutes: narrow ResNet-10 "
+                     "(zero-init residuals) with 4x4-pooled features, 2x28+6x16 crops, 100 prototypes, batch 64, LARS lr 2.4, bf16 where native, "
                      "channels_last",
     "smoke": "tiny end-to-end check (512 Fashion-MNIST images, 2 epochs, seconds on a CPU)",
 }

@@ -151,6 +151,8 @@ def _run_rows(facts: RunFacts, cfg) -> tuple[list[tuple[str, str]], str]:
         model = f"{cfg.model.arch} (width {cfg.model.width_per_group}"
         if cfg.model.pool_size > 1:
             model += f", features pooled to a {cfg.model.pool_size}x{cfg.model.pool_size} grid"
+        if cfg.model.zero_init_residual:
+            model += ", residual branches zero at init"
         model += f", {_millions(rec.parameters)})" if rec is not None and rec.parameters else ")"
         model += f", {cfg.model.nmb_prototypes} prototypes of dimension {cfg.model.feat_dim}"
         rows.append(("model", model))

@@ -41,6 +41,7 @@ BAD_VALUES = {
     "model.in_chans": ["0", "2"],
     "model.pool_size": ["0", "-1"],
     "model.small_stem": ["maybe"],
+    "model.zero_init_residual": ["perhaps"],
     "model.hidden_mlp": ["-1"],
     "model.feat_dim": ["0"],
     "model.nmb_prototypes": ["0"],

@@ -38,6 +38,7 @@ from swav.eval.results import make_record, write_result
 from swav.monitor import CollapseWatch, MetricsWriter, NaNGuard, ProgressBar, assignment_stats, setup_logging
 from swav.plan import CALIBRATION_STEPS, StepPlan
 from swav.runrecord import RunRecord
+from swav.runlock import RunLock, RunLockedError
 from swav.runstate import ResumeMismatchError, RunState, open_record, read_resume_point
 from swav import step as swav_step
 from swav.step import Learner
@@ -140,25 +141,47 @@ def _train_in_group(cfg: Config, env, max_steps: int | None, t_start: float, war
     device = pick_device(cfg.train.device, env.local_rank if env.is_distributed else None)
     precision = resolve_precision(cfg.train.precision, device)
     check_precision(precision, device)
+    lock = _lock_run_folder(out)  # one writer: before anything in the folder is read, written or removed
+    try:
+        if dist_utils.is_main():
+            for pattern in (".checkpoint*.pt.tmp*", ".run.json.tmp*"):  # left by a process killed mid-write
+                for stale in out.glob(pattern):
+                    stale.unlink()
+        dist_utils.barrier()
+        setup_logging(out, env.rank)
+        record = open_record(out, (out / CHECKPOINT_NAME).exists())
+        handler = _WarningsToRecord(record)
+        if dist_utils.is_main():
+            log.addHandler(handler)
+        try:
+            for w in warnings:
+                log.warning("config: %s", w)
+            run = _set_up(cfg, env, device, precision, record)
+            _loop(run, max_steps)
+            return _finish(run, t_start)
+        finally:
+            log.removeHandler(handler)
+    finally:
+        lock.release()
+
+
+def _lock_run_folder(out: Path) -> RunLock:
+    """Rank 0 creates the run folder and locks it for the whole job (``swav.runlock``); every rank
+    learns the outcome, so a second job on a folder in use stops on all its ranks at once."""
+    lock, error, refused = RunLock(out), None, None
     if dist_utils.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        for pattern in (".checkpoint*.pt.tmp*", ".run.json.tmp*"):  # left by a process killed mid-write
-            for stale in out.glob(pattern):
-                stale.unlink()
-    dist_utils.barrier()
-    setup_logging(out, env.rank)
-    record = open_record(out, (out / CHECKPOINT_NAME).exists())
-    handler = _WarningsToRecord(record)
-    if dist_utils.is_main():
-        log.addHandler(handler)
-    try:
-        for w in warnings:
-            log.warning("config: %s", w)
-        run = _set_up(cfg, env, device, precision, record)
-        _loop(run, max_steps)
-        return _finish(run, t_start)
-    finally:
-        log.removeHandler(handler)
+        try:
+            lock.acquire()
+        except ValueError as e:  # RunLockedError, RunLockUnavailableError: a usage error (exit 2)
+            error, refused = e, str(e)
+    if dist_utils.get_world_size() > 1:
+        refused = dist_utils.broadcast_object(refused)
+    if error is not None:
+        raise error
+    if refused is not None:
+        raise RunLockedError(refused)
+    return lock
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Cluster scores against hand-computed answers, prototype assignment (argmax and Sinkhorn)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from swav.eval.clusters import (PrototypeScores, ari, assign, cluster_metrics, contingency_table,
-                                hungarian_accuracy, nmi, purity)
+                                hungarian_accuracy, max_weight_matching, nmi, purity)
 
 
 def test_perfect_clustering_with_other_names():
@@ -57,6 +58,54 @@ def test_agrees_with_scikit_learn(seed):
     pred = np.where(rng.random(200) < 0.6, labels * 3 % 7, rng.integers(0, 9, 200))
     assert nmi(pred, labels) == pytest.approx(normalized_mutual_info_score(labels, pred), abs=1e-10)
     assert ari(pred, labels) == pytest.approx(adjusted_rand_score(labels, pred), abs=1e-10)
+
+
+def _brute_force_best(w: np.ndarray) -> float:
+    """The largest total weight of a one-to-one matching, by trying every one."""
+    n, m = w.shape
+    if n <= m:
+        return max(sum(w[i, c] for i, c in enumerate(cols)) for cols in itertools.permutations(range(m), n))
+    return _brute_force_best(w.T)
+
+
+def _check_matching(w: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> None:
+    assert len(rows) == len(cols) == min(w.shape)
+    assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)  # one-to-one
+    assert (np.diff(rows) > 0).all()  # rows ascending, as scipy returns them
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matching_is_the_best_one_to_one_by_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    for trial in range(60):
+        shape = tuple(rng.integers(1, 6, 2))
+        w = rng.integers(0, 3 if trial % 2 else 50, shape)  # few values: many ties
+        rows, cols = max_weight_matching(w)
+        _check_matching(w, rows, cols)
+        assert w[rows, cols].sum() == _brute_force_best(w), w
+
+
+def test_matching_agrees_with_scipy_on_large_and_real_valued_matrices():
+    linear_sum_assignment = pytest.importorskip("scipy.optimize").linear_sum_assignment
+    rng = np.random.default_rng(7)
+    cases = [rng.integers(0, 40, (300, 300)), rng.integers(0, 5, (120, 1000)), rng.normal(size=(50, 20)),
+             rng.normal(size=(20, 50)) * 1e6]
+    labels = rng.integers(0, 100, 20000)  # a contingency table: 100 classes over up to 1000 clusters
+    pred = np.where(rng.random(20000) < 0.6, labels * 7 % 1000, rng.integers(0, 1000, 20000))
+    cases.append(contingency_table(pred, labels))
+    for w in cases:
+        rows, cols = max_weight_matching(w)
+        _check_matching(w, rows, cols)
+        r, c = linear_sum_assignment(w, maximize=True)
+        assert w[rows, cols].sum() == pytest.approx(w[r, c].sum(), rel=1e-12, abs=0)
+
+
+def test_matching_input_errors():
+    assert [x.tolist() for x in max_weight_matching(np.zeros((0, 3)))] == [[], []]
+    with pytest.raises(ValueError, match="2-D"):
+        max_weight_matching(np.zeros(3))
+    with pytest.raises(ValueError, match="finite"):
+        max_weight_matching(np.array([[1.0, np.nan]]))
 
 
 def test_input_errors():

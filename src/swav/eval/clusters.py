@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["contingency_table", "nmi", "ari", "purity", "hungarian_accuracy", "cluster_metrics",
+__all__ = ["contingency_table", "nmi", "ari", "purity", "hungarian_accuracy", "max_weight_matching",
+           "cluster_metrics",
            "assign", "PrototypeScores"]
 
 
@@ -83,13 +84,85 @@ def purity(pred, labels) -> float:
     return float(t.max(1).sum() / t.sum())
 
 
+def max_weight_matching(weights) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)`` of a one-to-one matching of maximum total weight of an (R, C) matrix:
+    min(R, C) pairs, rows ascending (what ``scipy.optimize.linear_sum_assignment(w, maximize=True)``
+    returns, computed here without scipy).
+
+    The Hungarian algorithm in its shortest-augmenting-path form (Jonker & Volgenant 1987; the
+    variant of Crouse 2016 that scipy uses): with n = min(R, C) <= m = max(R, C) and costs
+    a_ij = max(w) - w_ij >= 0, each row in turn is joined to the matching by a Dijkstra search over
+    reduced costs a_ij - u_i - v_j >= 0 that ends at a free column (a free one first among equal
+    distances), the path is flipped, and the duals u (n,), v (m,) move so that matched pairs keep
+    reduced cost 0. Exact for integer weights (float64 sums of counts); O(n^2 m) at worst, each
+    search step one vectorised pass over the m columns.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be a 2-D matrix, got shape {w.shape}")
+    if w.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if not np.isfinite(w).all():
+        raise ValueError("weights must be finite")
+    flip = w.shape[0] > w.shape[1]
+    a = np.ascontiguousarray((w.max() - w).T if flip else w.max() - w)  # (n, m), n <= m
+    n, m = a.shape
+    u, v = np.zeros(n), np.zeros(m)
+    col_of = np.full(n, -1, dtype=np.int64)  # column matched to each row
+    row_of = np.full(m, -1, dtype=np.int64)  # row matched to each column
+    for i in range(n):
+        _augment(a, i, u, v, col_of, row_of)
+    rows, cols = np.arange(n, dtype=np.int64), col_of
+    if flip:
+        rows, cols = cols, rows
+    order = np.argsort(rows)
+    return rows[order], cols[order]
+
+
+def _augment(a: np.ndarray, start: int, u: np.ndarray, v: np.ndarray, col_of: np.ndarray,
+             row_of: np.ndarray) -> None:
+    """Join row ``start`` to the matching: the shortest path over reduced costs from it to a free
+    column, the dual update, then the path flipped (all in place)."""
+    m = a.shape[1]
+    dist = np.full(m, np.inf)  # shortest path cost to each column found so far
+    via = np.full(m, -1, dtype=np.int64)  # the row before each column on that path
+    scanned_cols = np.zeros(m, dtype=bool)
+    scanned_rows = []
+    i, low, sink = start, 0.0, -1
+    while sink < 0:
+        scanned_rows.append(i)
+        reduced = low + a[i] - u[i] - v  # (m,)
+        better = ~scanned_cols & (reduced < dist)
+        dist[better] = reduced[better]
+        via[better] = i
+        open_dist = np.where(scanned_cols, np.inf, dist)
+        low = open_dist.min()
+        ties = np.flatnonzero(open_dist == low)
+        free = ties[row_of[ties] < 0]
+        j = int(free[0]) if len(free) else int(ties[0])
+        scanned_cols[j] = True
+        if row_of[j] < 0:
+            sink = j
+        else:
+            i = int(row_of[j])
+    rows = np.asarray(scanned_rows[1:], dtype=np.int64)
+    u[start] += low
+    u[rows] += low - dist[col_of[rows]]
+    v[scanned_cols] -= low - dist[scanned_cols]
+    j = sink
+    while True:  # flip the path: each column on it takes the row before it
+        i = int(via[j])
+        row_of[j] = i
+        col_of[i], j = j, int(col_of[i])
+        if i == start:
+            break
+
+
 def hungarian_accuracy(pred, labels) -> float:
     """Fraction in [0, 1] of samples whose cluster is matched to their class by the best
-    one-to-one matching."""
-    from scipy.optimize import linear_sum_assignment
-
+    one-to-one matching (:func:`max_weight_matching` of the contingency table)."""
     t = contingency_table(pred, labels)
-    r, c = linear_sum_assignment(t, maximize=True)
+    r, c = max_weight_matching(t)
     return float(t[r, c].sum() / t.sum())
 
 

@@ -126,7 +126,7 @@ def test_metrics_without_tensorboard_writes_jsonl_only(tmp_path, monkeypatch):
         assert [r["loss"] for r in M.read_metrics(tmp_path / run / "metrics.jsonl")] == [2.0, 1.5]
         assert not (tmp_path / run / "tensorboard").exists()
     # said once per process (not once per writer), with the way to get TensorBoard
-    assert sum("tensorboard is not installed" in n and "pip install tensorboard" in n for n in notes) == 1
+    assert sum("tensorboard is not installed" in n and "pip install 'swav[tensorboard]'" in n for n in notes) == 1
 
 
 # --------------------------------------------------------------- progress

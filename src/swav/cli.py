@@ -83,10 +83,14 @@ def _cmd_pretrain(args) -> int:
     if not args.no_report and not result.stopped_by_signal:
         import logging
 
+        from swav.extras import MissingExtraError
         from swav.report import write_report
 
         try:
             print(f"report: {write_report(result.out_dir)}")
+        except MissingExtraError as e:  # the run is complete; the report needs the report extra
+            logging.getLogger("swav").warning("no report written: %s, then 'swav report %s' (the run is complete)",
+                                              e, result.out_dir)
         except Exception as e:  # the run's outputs are safe; the report can be rebuilt
             logging.getLogger("swav").warning("the report could not be written (%s: %s); the run is complete; "
                                               "retry with 'swav report %s'", type(e).__name__, e, result.out_dir)

@@ -8,7 +8,6 @@ does one host sync per check.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -82,7 +81,9 @@ _tensorboard_note_done = False
 
 
 def _tensorboard_available() -> bool:
-    return importlib.util.find_spec("tensorboard") is not None
+    from swav.extras import is_installed
+
+    return is_installed("tensorboard")
 
 
 class MetricsWriter:
@@ -115,10 +116,13 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"))
         else:
+            from swav.extras import install_hint
+
             global _tensorboard_note_done
             if not _tensorboard_note_done:
                 _tensorboard_note_done = True
-                _log.info("tensorboard is not installed: metrics go to %s only (pip install tensorboard)", self.path)
+                _log.info("tensorboard is not installed: metrics go to %s only; for TensorBoard event files: %s",
+                          self.path, install_hint("tensorboard"))
 
     def write(self, step: int, **metrics: Any) -> None:
         if not self.enabled:

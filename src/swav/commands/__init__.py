@@ -23,8 +23,10 @@ EXIT_CODES = (
     (EXIT_FAILURE, "run failure: the work started and failed (a training error, a non-finite stop, an I/O "
                    "error while running such as a full disk, out of memory)"),
     (EXIT_USAGE, "usage or configuration error: bad flags or setting values, a file or folder named on the "
-                 "command line that does not exist or cannot be used, a checkpoint that is not a swav, "
-                 "official SwAV or torchvision weights file, a resume with other settings"),
+                 "command line that does not exist or cannot be used, a run folder in use by another "
+                 "swav pretrain, a checkpoint that is not a swav, official SwAV or torchvision weights file, a "
+                 "resume with other settings, an optional library that is not installed (the error names "
+                 "the pip install)"),
     (EXIT_INTERRUPTED, "interrupted (Ctrl-C); a pretraining run resumes from its last checkpoint when the "
                        "same command is rerun"),
 )
@@ -61,11 +63,14 @@ def exit_status(exc: BaseException) -> tuple[int, str] | None:
     which should propagate with its traceback (Python then exits 1).
 
     In order: Ctrl-C -> 130; out of memory -> 1; a non-finite stop (training or fine-tuning) or a
-    corrupt download -> 1; a bad setting (ConfigError, ResumeMismatchError) or a bad input value
+    corrupt download -> 1; an optional library that is not installed (swav.extras.MissingExtraError, or
+    a ModuleNotFoundError of a module in swav.extras.OPTIONAL_MODULES) -> 2, its message naming the
+    ``pip install``; a bad setting (ConfigError, ResumeMismatchError) or a bad input value
     (ValueError: the library's CheckpointError, WeightsError, EmptyDatasetError ... are ValueErrors)
     -> 2; a path that does not exist or cannot be used (FileNotFoundError, PermissionError, ...) -> 2;
     any other OSError (full disk, file too large, I/O error) -> 1."""
     from swav.config import ConfigError
+    from swav.extras import missing_extra_message
 
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, ("interrupted; a pretraining run resumes from its last checkpoint when the same "
@@ -76,6 +81,9 @@ def exit_status(exc: BaseException) -> tuple[int, str] | None:
                               "for eval) or a smaller model; a pretraining run resumes from its last checkpoint")
     if _is_run_failure(exc):
         return EXIT_FAILURE, str(exc)
+    missing = missing_extra_message(exc)
+    if missing is not None:  # an optional library (swav.extras): the one line names the pip install
+        return EXIT_USAGE, missing
     if isinstance(exc, ConfigError):
         return EXIT_USAGE, f"invalid configuration:\n{exc}"
     if isinstance(exc, ValueError):

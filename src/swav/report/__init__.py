@@ -376,8 +376,10 @@ def build_page(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = N
                device: str = "auto") -> Page:
     """Gather everything the report shows into a :class:`~swav.report.html.Page` (see ``write_report``)."""
     from swav.config import ConfigError, from_dict
+    from swav.extras import require_extra
     from swav.report import plots
 
+    require_extra("report", "swav report")  # matplotlib and scikit-learn, before any work
     facts = read_run(run_dir)
     cfg = None
     if facts.config is not None:
@@ -443,8 +445,10 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
         seed: seed of the samples and of t-SNE: the same run gives the same page.
         device: ``auto`` (a GPU when visible), ``cpu``, ``cuda`` or ``cuda:N``, for embedding images.
 
-    Raises FileNotFoundError when ``run_dir`` is not a run folder; anything else that goes wrong
-    (no checkpoint yet, data not found, ...) is stated in the page instead.
+    Raises FileNotFoundError when ``run_dir`` is not a run folder and
+    :class:`swav.extras.MissingExtraError` when the ``report`` extra (matplotlib, scikit-learn) is
+    not installed; anything else that goes wrong (no checkpoint yet, data not found, ...) is stated
+    in the page instead.
     """
     if max_images < 1 or map_points < 1:
         raise ValueError(f"max_images ({max_images}) and map_points ({map_points}) must be >= 1")

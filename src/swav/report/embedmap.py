@@ -10,9 +10,11 @@ __all__ = ["tsne_2d", "spread_points"]
 
 def tsne_2d(features: np.ndarray, seed: int = 0) -> np.ndarray:
     """(N, F) features -> (N, 2) t-SNE coordinates (cosine geometry: features are L2-normalised first)."""
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
+    from swav.extras import require
+
+    PCA = require("sklearn.decomposition", "the report's embedding map").PCA
+    TSNE = require("sklearn.manifold", "the report's embedding map").TSNE
+    threadpool_limits = require("threadpoolctl", "the report's embedding map").threadpool_limits
 
     x = np.asarray(features, dtype=np.float32)
     n = x.shape[0]

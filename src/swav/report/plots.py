@@ -13,12 +13,11 @@ _BLUE, _ORANGE, _GREY, _RED = "#1f77b4", "#ff7f0e", "#7f7f7f", "#d62728"
 
 
 def _plt():
-    import matplotlib
+    from swav.extras import require
 
+    matplotlib = require("matplotlib", "the report's charts")
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return require("matplotlib.pyplot", "the report's charts")
 
 
 class Figure:

@@ -60,6 +60,7 @@ from PIL import Image, ImageFile, ImageOps
 from swav.data import builtin
 from swav.data.batch import Skipped
 from swav.data.memory import TensorImageDataset, to_channels
+from swav.data.sources import refuse_non_list_file
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -478,6 +479,7 @@ class FileListDataset(ImageFilesDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         list_file = os.fspath(list_file)
+        refuse_non_list_file(list_file, IMAGE_EXTENSIONS)  # one image, or an archive: say what to give
         size = os.path.getsize(list_file)
         if size > MAX_LIST_FILE_BYTES:
             raise ValueError(
@@ -604,4 +606,32 @@ def build_dataset(
             f"unknown data source {src!r}: not a built-in data set ({', '.join(builtin.BUILTIN_NAMES)}), "
             "nor an existing folder of images, nor an existing file list"
         )
-    return ds.subset(subset) if subset > 0 else ds
+    ds = ds.subset(subset) if subset > 0 else ds
+    if isinstance(ds, ImageFilesDataset):
+        _check_some_usable(ds, "folder" if os.path.isdir(src) else "file list")
+    return ds
+
+
+#: files tried when a data set of image files is built (spread over it): none usable is refused
+USABLE_PROBES = 32
+
+
+def _check_some_usable(ds: ImageFilesDataset, kind: str) -> None:
+    """EmptyDatasetError naming what was found when none of up to :data:`USABLE_PROBES` files spread
+    over ``ds`` can be used (a folder of broken files, or of other files named like images). It
+    stops at the first usable file: one decode for a good source."""
+    n = len(ds)
+    probes = np.unique(np.linspace(0, n - 1, min(n, USABLE_PROBES)).round().astype(np.int64))
+    skipped: list[Skipped] = []
+    for i in probes:
+        item = ds[int(i)]
+        if not isinstance(item, Skipped):
+            return
+        skipped.append(item)
+    tried = f"the {n}" if len(probes) == n else f"{len(probes)} tried, spread over the {n},"
+    examples = "; ".join(f"{os.path.basename(s.path)}: {s.reason}" for s in skipped[:3])
+    raise EmptyDatasetError(
+        f"{kind} {ds.name!r} holds {n} file(s) named like images, but none of {tried} can be used ({examples}"
+        f"{'; ...' if len(skipped) > 3 else ''}): give a folder of images that open (JPEG, PNG, WebP, ...), "
+        "or replace these files"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import sys
 
 import pytest
 
@@ -133,3 +134,135 @@ def test_format_duration(seconds, text):
 def test_format_amount():
     assert format_amount(999, "B") == "999 B" and format_amount(1500, "B") == "1.5 kB"
     assert format_amount(12800, "images") == "12,800"
+
+
+# ---------------------------------------------------------------------------------------------
+# the work that uses it: a download (bytes, from a local HTTP server) and a feature extraction
+# ---------------------------------------------------------------------------------------------
+class TickingClock:
+    """A clock that moves 0.5 s each time it is read: every update is redrawn, rates are known."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 0.5
+        return self.t
+
+
+@pytest.fixture
+def ticking(monkeypatch):
+    import swav.progress
+
+    monkeypatch.setattr(swav.progress, "_monotonic", TickingClock())
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served on 127.0.0.1 (the server's Content-Length gives the download's total)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _serve_file(folder, mb: int) -> tuple[str, str]:
+    import hashlib
+
+    data = bytes(range(256)) * (mb * 4096)  # mb MiB
+    (folder / "data.bin").write_bytes(data)
+    return "data.bin", hashlib.md5(data).hexdigest()
+
+
+def _tenths(lines: list[str]) -> list[int]:
+    return [int(re.search(r"\((\d+) %\)", line).group(1)) // 10 for line in lines]
+
+
+def test_a_download_shows_bytes_rate_and_time_left_on_a_terminal(http_folder, tmp_path, monkeypatch, ticking):
+    from swav.data.builtin import download_file
+
+    folder, url = http_folder
+    name, md5 = _serve_file(folder, 12)
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    download_file(f"{url}/{name}", tmp_path / "got.bin", md5)
+    shown = live_lines(term.getvalue())
+    assert len(shown) >= 12 and term.getvalue().count("\n") == 1  # one line, redrawn per chunk
+    mid = shown[len(shown) // 2]
+    assert re.fullmatch(r"downloading got\.bin: [\d.]+ MB/12\.6 MB \(\d+ %\) \| [\d.]+ [kM]B/s \| \d+ s left", mid), mid
+    assert re.fullmatch(r"downloading got\.bin: 12\.6 MB/12\.6 MB \(100 %\) \| [\d.]+ [kM]B/s \| done in \d+ s",
+                        shown[-1]), shown[-1]
+
+
+def test_a_download_writes_at_most_one_log_line_per_tenth_to_a_file(http_folder, tmp_path, monkeypatch, ticking):
+    from swav.data.builtin import download_file
+
+    folder, url = http_folder
+    name, md5 = _serve_file(folder, 25)  # 25 chunks of 1 MiB for 10 tenths
+    log_file = tmp_path / "log.txt"
+    handler = logging.FileHandler(log_file)
+    logger = logging.getLogger("swav")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with open(tmp_path / "stderr.txt", "w") as err:  # not a terminal
+            monkeypatch.setattr(sys, "stderr", err)
+            download_file(f"{url}/{name}", tmp_path / "got.bin", md5)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        handler.close()
+    lines = [line for line in log_file.read_text().splitlines() if line.startswith("downloading got.bin")]
+    assert _tenths(lines) == list(range(1, 11))  # one per tenth, none skipped: 25 chunks cross each
+    assert all("MB/s" in line for line in lines) and "done in" in lines[-1] and "left" in lines[0]
+    assert (tmp_path / "got.bin").stat().st_size == 25 * 2**20
+
+
+def _extract(tmp_path, n: int = 40):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from swav.eval.data import EvalData, extract, files_dataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    data = EvalData(source=str(folder), size=16, workers=0, batch_size=2)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    feats, _, _ = extract(model, data, files_dataset(str(folder), 3), "cpu", "embed: features")
+    assert feats.shape == (n, 3)
+
+
+def test_a_feature_extraction_shows_rate_and_time_left_on_a_terminal(tmp_path, monkeypatch, ticking):
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    _extract(tmp_path)
+    shown = [s for s in live_lines(term.getvalue()) if s.startswith("embed: features")]
+    assert len(shown) >= 10
+    assert re.fullmatch(r"embed: features: \d+/40 images \(\d+ %\) \| [\d.]+ images/s \| \d+ s left", shown[5])
+    assert re.fullmatch(r"embed: features: 40/40 images \(100 %\) \| [\d.]+ images/s \| done in \d+ s", shown[-1])
+
+
+def test_a_feature_extraction_writes_at_most_one_line_per_tenth_to_a_file(tmp_path, monkeypatch, ticking):
+    with open(tmp_path / "stderr.txt", "w") as err:
+        monkeypatch.setattr(sys, "stderr", err)
+        _extract(tmp_path)
+    lines = [s for s in (tmp_path / "stderr.txt").read_text().splitlines() if s.startswith("embed: features")]
+    assert _tenths(lines) == list(range(1, 11))  # 20 batches of 2 images: each tenth once
+    assert all("images/s" in s for s in lines)

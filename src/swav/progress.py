@@ -28,7 +28,9 @@ Where it writes depends on the stream (default ``sys.stderr``, looked up when th
 rate; elsewhere a line every ``quiet_interval`` seconds and one at ``close()``.
 
 Rates and times come from ``clock`` (default ``time.monotonic``): the rate is the average since
-the object was made, the time left is what remains at that rate. ``unit="B"`` prints bytes as
+the object was made, the time left is what remains at that rate. With ``enabled=False`` nothing is
+written, and :meth:`Progress.line` still gives the line, for a caller that writes its own (the
+linear probe's epoch lines). ``unit="B"`` prints bytes as
 kB / MB / GB (powers of 1000); any other unit is printed after a count with thousands separators.
 The module depends only on the standard library, so any part of swav may use it.
 """
@@ -41,6 +43,11 @@ import time
 from typing import Callable, TextIO
 
 __all__ = ["Progress", "format_amount", "format_duration"]
+
+
+def _monotonic() -> float:
+    """The default clock (a module-level name, so a test can give every Progress a fake one)."""
+    return time.monotonic()
 
 
 def format_duration(seconds: float) -> str:
@@ -86,20 +93,21 @@ class Progress:
         enabled: False shows nothing (other ranks, ``--quiet``).
         min_interval: seconds between two redraws of the live line.
         quiet_interval: seconds between two sparse lines when ``total`` is unknown.
-        clock: seconds, monotonic (tests give a fake one).
+        clock: seconds, monotonic (default ``time.monotonic``; tests give a fake one).
     """
 
     def __init__(self, total: float | None, desc: str, *, unit: str = "items", stream: TextIO | None = None,
                  log: logging.Logger | None = None, enabled: bool = True, min_interval: float = 0.2,
-                 quiet_interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
+                 quiet_interval: float = 60.0, clock: Callable[[], float] | None = None):
         self.total = None if total is None or total <= 0 else float(total)
         self.desc, self.unit, self.log, self.enabled = desc, unit, log, enabled
         self.stream = stream if stream is not None else sys.stderr
-        self.min_interval, self.quiet_interval, self.clock = min_interval, quiet_interval, clock
+        self.min_interval, self.quiet_interval = min_interval, quiet_interval
+        self.clock = clock if clock is not None else _monotonic
         isatty = getattr(self.stream, "isatty", None)
         self.tty = bool(isatty()) if callable(isatty) else False
         self.done = 0.0
-        self.t0 = clock()
+        self.t0 = self.clock()
         self._last_draw = -math.inf  # terminal: when the live line was last drawn
         self._drawn_len = 0  # terminal: length of the live line on screen (0: none)
         self._tenths = 0  # elsewhere: tenths of the total already reported

@@ -16,7 +16,8 @@ Everything known about a built-in (aliases, image shape, classes, mean/std,
 splits, files, official downloads and checksums, where to look) is one
 :class:`BuiltinDataset` row of :data:`BUILTINS`; :data:`BUILTIN_NAMES`,
 :data:`BUILTIN_CLASSES`, :data:`SOURCES` and :data:`SYSTEM_DIRS` are derived
-from it.  This module imports only :mod:`swav.data.memory` of the package.
+from it.  This module imports only :mod:`swav.data.memory` and :mod:`swav.progress` of the
+package.
 
 Search order for a data set's folder: ``root`` (and ``root/<name>``),
 ``$SWAV_DATA/<name>``, ``~/.cache/swav/<name>``, then a system location (for
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 
 from swav.data.memory import TensorImageDataset
+from swav.progress import Progress
 
 __all__ = [
     "BUILTINS",
@@ -389,7 +391,9 @@ def find_builtin_root(name: str, root: str | os.PathLike | None = None, split: s
 
 
 def download_file(url: str, dest: str | os.PathLike, md5: str, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` atomically, checking its MD5.
+    """Download ``url`` to ``dest`` atomically, checking its MD5, showing its progress in bytes
+    (:class:`swav.progress.Progress`: a live line with rate and time left on a terminal, a log line
+    per 10 % elsewhere).
 
     The bytes go to a temporary file in ``dest``'s folder, renamed to ``dest``
     only when the MD5 matches.  On a mismatch the temporary file is deleted and
@@ -403,12 +407,16 @@ def download_file(url: str, dest: str | os.PathLike, md5: str, timeout: float = 
     try:
         h = hashlib.md5()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while True:
-                chunk = resp.read(1 << 20)
-                if not chunk:
-                    break
-                h.update(chunk)
-                out.write(chunk)
+            size = resp.headers.get("Content-Length")
+            with Progress(int(size) if size and size.isdigit() else None, f"downloading {dest.name}", unit="B",
+                          log=log) as bar:
+                while True:
+                    chunk = resp.read(1 << 20)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
         got = h.hexdigest()
         if got != md5.lower():
             raise ChecksumError(

@@ -4,10 +4,7 @@ evaluation transform), and extraction that skips unusable files with a warning."
 from __future__ import annotations
 
 import logging
-import math
 import os
-import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -19,6 +16,7 @@ from swav.data.datasets import EmptyDatasetError, FileListDataset, ImageFilesDat
 from swav.data.loader import Batch, EpochLoader
 from swav.data.multicrop import EvalTransform
 from swav.eval.features import extract_features
+from swav.progress import Progress
 
 __all__ = ["EvalData", "eval_data_for", "BatchStream", "extract", "files_dataset", "num_classes_of",
            "progress_printer", "knn_of_backbone", "IMAGENET_MEAN", "IMAGENET_STD", "BUILTIN_STATS"]
@@ -194,21 +192,23 @@ class BatchStream:
                 log.warning("skipped %s: %s", s.path, s.reason)
             self.skipped.extend(batch.skipped)
             self.done += len(batch) + len(batch.skipped)
-            if self.on_batch is not None:
-                self.on_batch(self.done, self.total)
             if len(batch):
                 yield batch
+            if self.on_batch is not None:  # after the consumer's work on the batch (it asked for the next)
+                self.on_batch(self.done, self.total)
 
 
-def progress_printer(desc: str, enabled: bool = True, every_s: float = 5.0):
-    """``on_batch`` callback writing ``desc: done/total images`` to stderr every few seconds."""
-    last = [-math.inf]
+def progress_printer(desc: str, enabled: bool = True):
+    """``on_batch(done, total)`` callback showing ``desc: done/total images`` with the rate and the
+    time left (:class:`swav.progress.Progress` on stderr: a live line on a terminal, a line per 10 %
+    elsewhere), timed from this call."""
+    bar = Progress(None, desc, unit="images", enabled=enabled)
 
     def report(done: int, total: int) -> None:
-        now = time.monotonic()
-        if enabled and (now - last[0] >= every_s or done >= total):
-            last[0] = now
-            print(f"{desc}: {done}/{total} images", file=sys.stderr, flush=True)
+        bar.total = float(total) if total > 0 else None
+        bar.set(done)
+        if done >= total:
+            bar.close()
 
     return report
 

@@ -38,6 +38,7 @@ from swav.data.datasets import ImageFilesDataset, TensorImageDataset
 from swav.data.loader import EpochLoader
 from swav.eval.features import extract_features
 from swav.eval.linear import probe_augmentation, topk_accuracy
+from swav.progress import Progress
 
 __all__ = ["balanced_subset", "write_subset_file", "read_subset_file", "subset_dataset", "finetune",
            "default_lrs", "default_batch_size"]
@@ -185,6 +186,7 @@ def finetune(backbone: nn.Module, train_set, test_set, eval_data, device, num_cl
                          workers=eval_data.workers)
     marks = [int(round(m * epochs)) for m in milestones]
     gen = torch.Generator(device=device).manual_seed(seed)
+    bar = Progress(epochs, prefix, unit="epochs", enabled=False)  # the log lines' rate and time left
     for epoch in range(epochs):
         factor = gamma ** sum(epoch >= m for m in marks)
         for g in opt.param_groups:
@@ -205,9 +207,9 @@ def finetune(backbone: nn.Module, train_set, test_set, eval_data, device, num_cl
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        bar.set(epoch + 1)
         if epoch == 0 or (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:
-            log.info("%s epoch %d/%d: loss %.4f", prefix, epoch + 1, epochs,
-                     sum(losses) / max(1, len(losses)))
+            log.info("%s | loss %.4f", bar.line(), sum(losses) / max(1, len(losses)))
     test_loader = eval_data.loader(test_set)
     logits, labels, _ = extract_features(net, stream(test_loader) if stream is not None else test_loader,
                                          eval_data.transform(test_set).to(device), device)

@@ -27,6 +27,7 @@ from torch import nn
 from swav.data.loader import EpochLoader
 from swav.data.multicrop import MultiCrop
 from swav.eval.features import extract_features
+from swav.progress import Progress
 
 __all__ = ["FeatureSource", "CachedFeatures", "AugmentedFeatures", "train_linear_classifier",
            "cache_augmented_views", "probe_augmentation", "topk_accuracy"]
@@ -147,6 +148,7 @@ def train_linear_classifier(train: FeatureSource, test_features: torch.Tensor, t
     best1 = best5 = -1.0
     top1 = top5 = float("nan")
     step = 0
+    bar = Progress(epochs, prefix, unit="epochs", enabled=False)  # the log lines' rate and time left
     for epoch in range(epochs):
         head.train()
         for x, y in train.epoch_batches(epoch, batch_size, gen):
@@ -161,8 +163,8 @@ def train_linear_classifier(train: FeatureSource, test_features: torch.Tensor, t
         with torch.no_grad():
             top1, top5 = topk_accuracy(head(test_x), test_y)
         best1, best5 = max(best1, top1), max(best5, top5)
+        bar.set(epoch + 1)
         if epoch == 0 or (epoch + 1) % max(1, epochs // 10) == 0 or epoch + 1 == epochs:
-            log.info("%s epoch %d/%d: loss %.4f, test top-1 %.2f %%, top-5 %.2f %%", prefix, epoch + 1, epochs,
-                     loss.item(), top1, top5)
+            log.info("%s | loss %.4f, test top-1 %.2f %%, top-5 %.2f %%", bar.line(), loss.item(), top1, top5)
     return {f"{prefix}_top1": top1, f"{prefix}_top5": top5,
             f"{prefix}_best_top1": best1, f"{prefix}_best_top5": best5}

@@ -85,9 +85,16 @@ def test_optional_modules_are_the_extras_of_pyproject():
     assert "scipy" not in core | {d for dists in extras.values() for d in dists} - extras["test"]
 
 
+def _not_installed(monkeypatch, top: str) -> None:
+    """``top`` and its submodules read as not installed (None in sys.modules), also when an earlier
+    test imported them."""
+    for name in [m for m in sys.modules if m == top or m.startswith(top + ".")] + [top]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def test_require_names_what_needs_it_and_the_pip_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import` reads as not installed
-    monkeypatch.setitem(sys.modules, "sklearn", None)
+    _not_installed(monkeypatch, "matplotlib")
+    _not_installed(monkeypatch, "sklearn")
     with pytest.raises(MissingExtraError) as ei:
         require("matplotlib.pyplot", "the report's charts")
     assert str(ei.value) == "the report's charts needs matplotlib, which is not installed: pip install 'swav[report]'"

@@ -4,11 +4,12 @@
 How it works: the lock is an operating-system record lock (POSIX ``fcntl`` lock, ``F_SETLK``) on
 the file ``RUN/.swav.lock``, taken without waiting. The kernel drops it when the holding process
 ends, however it ends (``kill -9``, out of memory, a crashed node's lease expiring), so nothing
-stale is ever left to clean: the file itself stays (removing a lock file races with a process
-about to lock it) and only says who held it last. After taking the lock the holder writes a record
-into it (process id, host, start time, command line); a second process that finds the folder
-locked reads that record to say who holds it, and gives up at once (:class:`RunLockedError`, a
-ValueError: ``swav`` exits 2).
+stale is ever left to clean. The file itself stays (removing a lock file races with a process
+about to lock it); only its content changes: after taking the lock the holder writes a record into
+it (process id, host, start time, command line) and empties it on release (a killed holder's record
+stays until the next holder overwrites it, and blocks nothing). A second process that finds the
+folder locked reads that record to say who holds it, and gives up at once (:class:`RunLockedError`,
+a ValueError: ``swav`` exits 2).
 
 Ranks of a ``torchrun`` / ``srun`` job: rank 0 takes the lock for the whole job (the caller
 broadcasts the outcome so every rank starts or stops together); a second job on the same folder
@@ -20,7 +21,8 @@ What it guarantees, and where:
 * NFS (v4, or v3 with ``lockd``, the Linux defaults): POSIX locks go to the server, so processes on
   different hosts exclude each other too; a client mounted with ``nolock`` or ``local_lock=posix``
   keeps locks on its own host only (two hosts could then both write one folder). The record names
-  the host, so the message is right either way;
+  the host, so the message is right either way. The lock of a host that crashed is held by the
+  server until that host's lease expires (NFSv4: about 90 s), then the folder is free;
 * a file system that cannot lock (e.g. Lustre mounted without ``flock``/``localflock``) makes the
   lock fail with :class:`RunLockUnavailableError`, saying so; ``SWAV_RUN_LOCK=off`` runs without
   it (then nothing stops a second writer).

@@ -379,7 +379,7 @@ def build_page(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = N
     from swav.extras import require_extra
     from swav.report import plots
 
-    require_extra("report", "swav report")  # matplotlib and scikit-learn, before any work
+    require_extra("report", "swav report")  # matplotlib, scikit-learn, threadpoolctl: before any work
     facts = read_run(run_dir)
     cfg = None
     if facts.config is not None:
@@ -446,8 +446,8 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
         device: ``auto`` (a GPU when visible), ``cpu``, ``cuda`` or ``cuda:N``, for embedding images.
 
     Raises FileNotFoundError when ``run_dir`` is not a run folder and
-    :class:`swav.extras.MissingExtraError` when the ``report`` extra (matplotlib, scikit-learn) is
-    not installed; anything else that goes wrong (no checkpoint yet, data not found, ...) is stated
+    :class:`swav.extras.MissingExtraError` when the ``report`` extra (matplotlib, scikit-learn,
+    threadpoolctl) is not installed; anything else that goes wrong (no checkpoint yet, data not found, ...) is stated
     in the page instead.
     """
     if max_images < 1 or map_points < 1:

@@ -5,10 +5,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-# torchvision lives in its own side environment, never in .venv (the package does not depend on it):
-# tests/test_torchvision_interop.py loads our exported backbones into torchvision's ResNets there.
+# torchvision, timm and onnx live in their own side environment, never in .venv (the package does not
+# depend on them; they are the extras swav[torchvision], swav[timm] and swav[onnx]): the tests that load
+# our exports into the real libraries and train their backbones run there (tests/test_torchvision_interop.py
+# and tests/sideenv/ through tests/test_side_env.py). The project is installed there too (editable).
 TV_VENV  ?= .venv-torchvision
-TV_PINS  ?= torch==2.14.1 torchvision==0.29.1 safetensors==0.8.0
+TV_PINS  ?= torch==2.14.1 torchvision==0.29.1 safetensors==0.8.0 timm==1.0.31 onnx==1.23.2 onnxscript==0.7.2 \
+            onnxruntime==1.32.0 pytest==9.2.0
 TV_STAMP := $(TV_VENV)/.installed-stamp
 
 .PHONY: install test demo data fuzz clean interop-env
@@ -33,8 +36,9 @@ interop-env:
 	@if [ "$$(cat $(TV_STAMP) 2>/dev/null)" = "$(TV_PINS)" ]; then \
 	  echo "$(TV_VENV) is ready ($(TV_PINS))"; \
 	else \
-	  echo "building $(TV_VENV) with $(TV_PINS) (for tests/test_torchvision_interop.py; never in $(VENV))"; \
-	  if rm -rf $(TV_VENV) && $(PYTHON) -m venv $(TV_VENV) && $(TV_VENV)/bin/python -m pip install -q $(TV_PINS); then \
+	  echo "building $(TV_VENV) with $(TV_PINS) (for the interop and side-env tests; never in $(VENV))"; \
+	  if rm -rf $(TV_VENV) && $(PYTHON) -m venv $(TV_VENV) && $(TV_VENV)/bin/python -m pip install -q $(TV_PINS) \
+	     && $(TV_VENV)/bin/python -m pip install -q -e .; then \
 	    echo "$(TV_PINS)" > $(TV_STAMP); \
 	  else \
 	    rm -rf $(TV_VENV); \

@@ -27,8 +27,15 @@ from swav.config import (
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_validate(name):
+    from swav.models import MissingExtraError, family_of
+
     cfg = make_config(name)
     assert cfg.preset == name
+    family = family_of(cfg.model.arch)
+    if family.missing_extra():  # the ViT preset without timm: one line with the install to run
+        with pytest.raises(MissingExtraError, match=rf"pip install 'swav\[{family.extra}\]'"):
+            validate(cfg, world_size=1)
+        return
     validate(cfg, world_size=1)
     validate(cfg, world_size=2)
 
@@ -215,7 +222,7 @@ def _smoke(**changes):
     ({"swav__queue_length": 32}, "shorter than the global batch"),
     ({"swav__queue_length": 100}, "nearest valid values: 64 or 128"),
     ({"swav__queue_length": -1}, "swav.queue_length"),
-    ({"model__arch": "resnet51"}, "model.arch = 'resnet51' is not one of"),
+    ({"model__arch": "resnet51"}, "model.arch = 'resnet51' is not a known backbone (did you mean 'resnet50'?)"),
     ({"model__nmb_prototypes": 0}, "model.nmb_prototypes"),
     ({"model__in_chans": 0}, "model.in_chans"),
     ({"optim__optimizer": "adam"}, "optim.optimizer = 'adam'"),

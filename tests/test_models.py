@@ -68,7 +68,7 @@ def test_resnet50_shapes_match_torchvision():
 def test_registry_lists_every_arch():
     assert {"resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50w2", "resnet50w4",
             "resnet50w5"} <= set(list_backbones())
-    with pytest.raises(ValueError, match="available"):
+    with pytest.raises(ValueError, match="not a known backbone .*did you mean 'resnet50'"):
         create_backbone("resnet51")
 
 

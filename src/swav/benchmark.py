@@ -9,8 +9,8 @@ configured optimizer) and returns one flat-ish dict:
   device), ``augment`` (multi-crop), ``forward``, ``sinkhorn`` (codes, queue scoring included),
   ``loss``, ``backward``, ``optimizer`` (learning rate, prototype normalisation, the update);
 * peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak resident set);
-* the model's arithmetic (conv / linear / prototype multiply-adds counted per crop resolution with
-  forward hooks, see :func:`count_model_flops`) divided by the step time, as a fraction of the rate
+* the model's arithmetic (convolutions, matrix products and attention counted per crop resolution
+  with ``torch.utils.flop_counter``, see :func:`count_model_flops`) divided by the step time, as a fraction of the rate
   this device reaches on a large square matrix product timed in the same run
   (:func:`matmul_rate`), in fp32 and in the step's precision.
 
@@ -27,6 +27,7 @@ on GPU) and reports global images/s from rank 0.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import statistics
@@ -49,61 +50,65 @@ __all__ = ["run_benchmark", "count_model_flops", "count_flops", "matmul_rate", "
 # --------------------------------------------------------------------------------------------
 # FLOP counting
 # --------------------------------------------------------------------------------------------
-def _layer_macs(module: nn.Module, inputs, output) -> int:
-    """Multiply-adds of one forward call of a conv / linear / prototype layer (0 for others)."""
-    if isinstance(module, nn.modules.conv._ConvNd):
-        k = math.prod(module.kernel_size)
-        return output.numel() * (module.in_channels // module.groups) * k
-    if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
-    outs = output if isinstance(output, (list, tuple)) else [output]
-    if hasattr(module, "weights") and hasattr(module, "nmb_prototypes"):  # swav.models.heads.Prototypes
-        x = inputs[0]
-        return sum(o.numel() * x.shape[-1] for o in outs)
-    return 0
+def _math_attention():
+    """Attention through PyTorch's math kernel (matrix products) while counting: the fused CPU kernel
+    (``_scaled_dot_product_flash_attention_for_cpu``) has no FLOP formula, so it would count 0."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: scaled_dot_product_attention is not fused on a CPU anyway
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of a convolution's backward: its forward's multiply-adds once for the input gradient and
+    once for the weight gradient, each only when computed. torch's own formula (2.13-2.14) counts the
+    weight gradient of a grouped convolution ``groups`` times over (a depthwise layer C times)."""
+    forward_macs = math.prod(x_shape if transposed else grad_out_shape) * w_shape[1] * math.prod(w_shape[2:])
+    return 2 * forward_macs * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
+
+
+def _leaf_counts(counter, root: str) -> list[tuple[str, int]]:
+    """``(module name, FLOPs)`` of the innermost modules that did arithmetic, in call order."""
+    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items() if k != "Global"}
+    names = [k for k in counts if counts[k] and not any(o.startswith(k + ".") and counts[o] for o in counts)]
+    return [(k[len(root) + 1:] if k.startswith(root + ".") else k, counts[k]) for k in names]
 
 
 def count_flops(model: nn.Module, run: Callable[[], object]) -> dict:
-    """Count the arithmetic of ``run()`` (which calls ``model``) with forward hooks.
-
-    Every conv, linear and SwAV prototype layer inside ``model`` adds its multiply-adds (MACs).
-    FLOPs are 2 x MACs. The backward pass of a layer costs one MAC count for the weight gradient
-    (when its weight requires grad) and one for the input gradient (when its input requires grad:
-    not for the first layer fed by the images), so a training step is not blindly 3 x forward.
-    Batch norm, activations, pooling and the loss are not counted (they are memory bound and
-    small in FLOPs). Returns ``{"forward_flops", "backward_flops", "layers"}``; ``layers`` lists
-    ``(name, forward MACs)`` in call order.
-    """
-    records: list[tuple[str, int, int]] = []  # (name, fwd macs, bwd macs)
-    hooks = []
-
-    def hook(name):
-        def fn(module, inputs, output):
-            macs = _layer_macs(module, inputs, output)
-            if not macs:
-                return
-            weights = module.weights() if hasattr(module, "weights") and callable(module.weights) else [module.weight]
-            w_grad = any(w.requires_grad for w in weights)
-            x_grad = bool(inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].requires_grad)
-            records.append((name, macs, macs * (int(w_grad) + int(x_grad))))
-        return fn
-
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or (
-                hasattr(m, "weights") and hasattr(m, "nmb_prototypes")):
-            # the Linear layers inside a multi-head Prototypes are counted by the Prototypes hook
-            parent = name.rsplit(".", 1)[0] if "." in name else ""
-            if isinstance(m, nn.Linear) and parent and hasattr(model.get_submodule(parent), "nmb_prototypes"):
-                continue
-            hooks.append(m.register_forward_hook(hook(name)))
+    """Count the arithmetic of ``run()`` (which calls ``model``) and of its backward pass with
+    ``torch.utils.flop_counter.FlopCounterMode``: every convolution, matrix product (linear layers,
+    the prototypes) and attention (counted as its two matrix products, through the math kernel)
+    inside the calls, whatever the module. FLOPs are 2 x multiply-adds. The backward pass is run on
+    the sum of ``run()``'s tensors and counts what autograd computes: the weight gradients, and the
+    input gradients only where the input needs them (not for the first layer, fed by the images),
+    so a training step is not blindly 3 x forward. Batch norm, activations, pooling and the loss
+    are not counted (memory bound and small in FLOPs). Returns ``{"forward_flops",
+    "backward_flops", "layers"}``; ``layers`` lists ``(name, forward MACs)`` in call order. The
+    parameters' ``.grad`` are left as they were."""
+    grads = {p: p.grad for p in model.parameters()}
     try:
-        with torch.enable_grad():
-            run()
+        with torch.enable_grad(), _math_attention():
+            with _counter() as fwd:
+                out = run()
+            leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+                      and t.requires_grad]
+            with _counter() as bwd:
+                if leaves:
+                    torch.autograd.backward([t.float().sum() for t in leaves])
     finally:
-        for h in hooks:
-            h.remove()
-    return {"forward_flops": 2 * sum(r[1] for r in records), "backward_flops": 2 * sum(r[2] for r in records),
-            "layers": [(r[0], r[1]) for r in records]}
+        for p, g in grads.items():
+            p.grad = g
+    root = type(model).__name__
+    return {"forward_flops": fwd.get_total_flops(), "backward_flops": bwd.get_total_flops(),
+            "layers": [(name, flops // 2) for name, flops in _leaf_counts(fwd, root)]}
 
 
 def count_model_flops(model: nn.Module, in_chans: int, size_crops, nmb_crops, batch_size: int,

@@ -1,25 +1,35 @@
 """Building a run's parts from its config: the network, the multi-crop augmentation, the optimizer
 and the whole training state. The trainer, ``swav bench``, the evaluations and the report all build
-through here (so a checkpoint's model is rebuilt exactly as it was trained)."""
+through here (so a checkpoint's model is rebuilt exactly as it was trained). What differs between
+backbone families is asked of the registry's adapter (``swav.models.family_of``)."""
 from __future__ import annotations
+
+import dataclasses
+import logging
 
 import torch
 
 from swav import distributed as dist_utils
-from swav.config import Config
+from swav.config import Config, ConfigError
 from swav.data.multicrop import MultiCrop
-from swav.models import SwAVModel, create_backbone
+from swav.models import SwAVModel, build_backbone, family_of
 from swav.optim import build_optimizer
 
-__all__ = ["build_model", "build_multicrop", "build_training_state", "wrap_for_training"]
+__all__ = ["build_model", "build_multicrop", "build_training_state", "wrap_for_training", "check_crop_sizes"]
+
+log = logging.getLogger("swav")
 
 
 def build_model(cfg: Config) -> SwAVModel:
-    """The SwAV network of a config (deterministic given torch's RNG state)."""
+    """The SwAV network of a config (deterministic given torch's RNG state). A library's constructor
+    that refuses ``model.kwargs`` is a ConfigError naming them."""
     m = cfg.model
-    backbone = create_backbone(m.arch, width_per_group=m.width_per_group, widen=m.widen,
-                               in_chans=m.in_chans, small_stem=m.small_stem, pool_size=m.pool_size,
-                               zero_init_residual=m.zero_init_residual)
+    try:
+        backbone = build_backbone(dataclasses.asdict(m))
+    except TypeError as e:
+        if not m.kwargs:
+            raise
+        raise ConfigError(f"model.kwargs = {m.kwargs!r}: {m.arch} does not take them ({e})") from None
     return SwAVModel(backbone, hidden_mlp=m.hidden_mlp, feat_dim=m.feat_dim, nmb_prototypes=m.nmb_prototypes)
 
 
@@ -33,19 +43,47 @@ def build_multicrop(cfg: Config) -> MultiCrop:
                      erase_scale=tuple(a.erase_scale))
 
 
-def build_training_state(cfg: Config, device: torch.device, world: int, precision: str):
-    """``(model, optimizer, scaler)`` of a run, seeded: the model on ``device`` (SyncBatchNorm
-    over ``world`` > 1 processes, channels_last as configured), the configured optimizer, and a
+def check_crop_sizes(cfg: Config, backbone: torch.nn.Module) -> None:
+    """ConfigError when a crop size is too small for the network (its total stride, a fixed input
+    size), naming the crop, the smallest size that works and the network's own words."""
+    bad = family_of(cfg.model.arch).min_input_size(backbone, cfg.model.in_chans, cfg.augment.size_crops)
+    problems = []
+    for i, size in enumerate(cfg.augment.size_crops):
+        if size in bad:
+            good, why = bad[size]
+            fix = (f"the smallest crop it takes is {good} px" if good is not None else
+                   "no crop size up to 8x larger works either (a network of one fixed input size?)")
+            problems.append(f"augment.size_crops[{i}] = {size} px is too small for {cfg.model.arch}: {fix} "
+                            f"(the network says: {why})")
+    if problems:
+        raise ConfigError(problems)
+
+
+def build_training_state(cfg: Config, device: torch.device, world: int, precision: str, init_weights: bool = True):
+    """``(model, optimizer, scaler)`` of a run, seeded: the model on ``device`` (its backbone loaded
+    from ``model.init_from`` when ``init_weights``: a new run, not a resumed one; SyncBatchNorm over
+    ``world`` > 1 processes where the network has BatchNorm; channels_last as configured), checked
+    against the crop sizes, the configured optimizer (norms and biases found by kind), and a
     GradScaler for fp16 (else None)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
-    if world > 1 and cfg.model.sync_bn:
+    family = family_of(cfg.model.arch)
+    check_crop_sizes(cfg, model.backbone)
+    if init_weights and cfg.model.init_from:
+        from swav.checkpoint import load_backbone_weights
+
+        report = load_backbone_weights(model.backbone, family, cfg.model.init_from, cfg.model.arch)
+        log.info("%s", report.line())
+    has_bn = any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in model.modules())
+    if world > 1 and cfg.model.sync_bn and has_bn:
         model = dist_utils.convert_sync_batchnorm(model, device.type)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim.optimizer, cfg.optim.lr, cfg.optim.weight_decay,
-                                cfg.optim.momentum, cfg.optim.lars_eta, cfg.optim.exclude_bias_and_bn)
+    o = cfg.optim
+    no_decay = {f"backbone.{n}" for n in family.no_weight_decay(model.backbone)}
+    optimizer = build_optimizer(model, o.optimizer, o.lr, o.weight_decay, o.momentum, o.lars_eta,
+                                o.exclude_bias_and_bn, no_weight_decay=no_decay)
     scaler = None
     if precision == "fp16":  # loss scaling; torch < 2.3 has only the CUDA one
         scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()

@@ -22,29 +22,17 @@ import torch
 from swav.atomic import fsync_dir
 
 from swav.models import SwAVModel, resnet_kwargs_from_state_dict
+from swav.models.families import StateDictMismatchError, check_state_dict
 from swav.models.resnet import ResNet
 
 __all__ = [
-    "StateDictMismatchError", "strip_prefixes", "official_to_model_keys", "model_to_official_keys",
-    "load_official_state_dict", "model_from_official_state_dict",
+    "StateDictMismatchError", "check_state_dict", "strip_prefixes", "official_to_model_keys",
+    "model_to_official_keys", "load_official_state_dict", "model_from_official_state_dict",
+    "read_weights_file", "load_backbone_weights", "InitReport",
 ]
 
 KNOWN_PREFIXES = ("module.", "_orig_mod.")
 _HEAD_PREFIXES = ("projection_head.", "prototypes.")
-
-
-class StateDictMismatchError(ValueError):
-    """A state dict whose keys or shapes differ from the model's; the message lists them."""
-
-    def __init__(self, what: str, missing=(), unexpected=(), shapes=()):
-        self.missing, self.unexpected, self.shapes = list(missing), list(unexpected), list(shapes)
-        parts = [what]
-        for title, items in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
-                             ("shape mismatches", self.shapes)):
-            if items:
-                shown = ", ".join(items[:30]) + (f", ... ({len(items) - 30} more)" if len(items) > 30 else "")
-                parts.append(f"{len(items)} {title}: {shown}")
-        super().__init__("; ".join(parts))
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes=KNOWN_PREFIXES) -> dict[str, torch.Tensor]:
@@ -75,20 +63,6 @@ def model_to_official_keys(state_dict: Mapping[str, torch.Tensor], prefix: str =
         name = k[len("backbone."):] if k.startswith("backbone.") else k
         out[prefix + name] = v
     return out
-
-
-def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str,
-                     rename=lambda k: k) -> None:
-    """Raise StateDictMismatchError unless ``given`` has exactly the keys and shapes of ``expected``."""
-    missing = sorted(rename(k) for k in set(expected) - set(given))
-    unexpected = sorted(rename(k) for k in set(given) - set(expected))
-    shapes = sorted(
-        f"{rename(k)} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(expected) & set(given)
-        if tuple(given[k].shape) != tuple(expected[k].shape)
-    )
-    if missing or unexpected or shapes:
-        raise StateDictMismatchError(what, missing, unexpected, shapes)
 
 
 def _official_name(key: str) -> str:
@@ -278,3 +252,113 @@ def load_run_state(path: str | os.PathLike, max_bytes: int = 1 << 36) -> dict:
         have = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a swav run checkpoint (needs {list(needed)}, found {have})")
     return state
+
+
+# --------------------------------------------------------------------------------------
+# Weight files of any kind, read without running code; a backbone started from one (--init-from)
+# --------------------------------------------------------------------------------------
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    # 8-byte little-endian header length, then a JSON object
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (1 << 27)
+
+
+def read_weights_file(path: str | os.PathLike) -> tuple[Path, object]:
+    """Read a checkpoint without running code from it: ``(resolved path, object)``.
+
+    A folder means ``folder/checkpoint.pt`` (a run folder). ``.safetensors`` files are read with
+    safetensors; everything else with ``torch.load(weights_only=True)``, which refuses pickled
+    objects with a clear message (:class:`CheckpointError`).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            raise CheckpointError(f"{path} is a folder without a {CHECKPOINT_NAME}: give a checkpoint file or a run folder")
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return path, load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"safetensors file {path} is unreadable: {e}") from e
+    return path, load_checkpoint_file(path)
+
+
+def fill_num_batches_tracked(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Files from old PyTorch versions have no BatchNorm ``num_batches_tracked`` counters; when ALL
+    are absent (and only then), add them as 0 next to each ``running_mean``: they are counters, not
+    weights, and nothing reads them in eval mode."""
+    sd = dict(sd)
+    if any(k.endswith(".num_batches_tracked") for k in sd):
+        return sd
+    for k in [k for k in sd if k.endswith(".running_mean")]:
+        sd[k[: -len("running_mean")] + "num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    return sd
+
+
+def _tensor_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    """The flat state dict inside a file: itself, a swav run's ``model``, or the ``state_dict`` /
+    ``model`` entry of a training checkpoint (official SwAV, timm's train.py, DeiT)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("format"), str) and obj["format"].startswith("swav-run"):
+        obj = obj.get("model")
+    elif isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(obj.get(key), Mapping) and not isinstance(obj.get(key), torch.Tensor):
+                obj = obj[key]
+                break
+    if not (isinstance(obj, Mapping) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in obj.items())):
+        raise CheckpointError(f"{path} holds no state dict of tensors (found {type(obj).__name__}"
+                              f"{' with keys ' + ', '.join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else ''})")
+    return strip_prefixes(obj)
+
+
+class InitReport:
+    """What ``--init-from`` loaded: the file, its layout, how many tensors, and every key not used."""
+
+    def __init__(self, path: Path, layout: str, loaded: int, unused: list[str]):
+        self.path, self.layout, self.loaded, self.unused = path, layout, loaded, list(unused)
+
+    def line(self) -> str:
+        shown = ", ".join(self.unused[:20]) + (f", ... ({len(self.unused) - 20} more)" if len(self.unused) > 20 else "")
+        return (f"backbone initialised from {self.path} ({self.layout}): {self.loaded} tensors, every backbone key; "
+                + (f"{len(self.unused)} key(s) of the file not used: {shown}" if self.unused else
+                   "every key of the file used"))
+
+
+def load_backbone_weights(backbone: torch.nn.Module, family, path: str | os.PathLike, arch: str) -> InitReport:
+    """Load a weight file into ``backbone`` (of ``family``, the registry's adapter for ``arch``), strictly.
+
+    Accepted: a swav run (folder or checkpoint) or a SwAVModel state dict (keys ``backbone.*``), an
+    official SwAV file (ResNet keys at the top, plus the head), or a state dict in the backbone
+    library's own layout (torchvision's ResNet keys for ours, timm's or torchvision's for theirs,
+    as ``swav export`` writes them). Every backbone key must be in the file with its shape
+    (StateDictMismatchError names the missing, unexpected and misshapen ones); the keys that are not
+    the backbone's (a projection head, prototypes, a library classifier) are not used and named in
+    the returned report.
+    """
+    path, obj = read_weights_file(path)
+    sd = _tensor_dict(obj, path)
+    what = f"--init-from {path}: its weights do not fit {arch}"
+    if any(k.startswith("backbone.") for k in sd):
+        body = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        unused = sorted(k for k in sd if not k.startswith("backbone."))
+        check_state_dict(backbone.state_dict(), body, what)
+        backbone.load_state_dict(body, strict=True)
+        return InitReport(path, "a swav model", len(body), unused)
+    head = sorted(k for k in sd if k.startswith(_HEAD_PREFIXES))
+    body = fill_num_batches_tracked({k: v for k, v in sd.items() if not k.startswith(_HEAD_PREFIXES)})
+    unused = head + family.load_export_state_dict(backbone, body, what)
+    layout = "an official SwAV file" if head else f"a {family.name} state dict"
+    return InitReport(path, layout, len(body) - len(unused) + len(head), unused)

@@ -57,6 +57,12 @@ def _pretrain_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop after N steps in this invocation, writing the checkpoint first (for time-limited "
                         "jobs: rerun the same command to continue); default: train to the end")
+    p.add_argument("--init-from", dest="model.init_from", default=None, metavar="FILE",
+                   help="start the backbone from this file's weights (a new run only; never read on resume): "
+                        "a swav run folder or checkpoint, an official SwAV release, or a torchvision or timm "
+                        "state dict of this backbone (.pt/.pth/.safetensors). Every backbone key must be in it; "
+                        "the keys it does not use (classifier, projection head, prototypes) are named in the log "
+                        "[sets model.init_from]")
     for flag, key in PRETRAIN_FLAGS:
         typ, default, text = helps[key]
         p.add_argument(flag, dest=key, default=None, metavar=typ.upper().replace(" ", "_"),
@@ -70,6 +76,8 @@ def _cmd_pretrain(args) -> int:
     from swav.trainer import train
 
     flags = {key: getattr(args, key) for _, key in PRETRAIN_FLAGS if getattr(args, key) is not None}
+    if getattr(args, "model.init_from") is not None:
+        flags["model.init_from"] = getattr(args, "model.init_from")
     if args.out is not None:
         flags["out"] = args.out
     cfg = make_config(args.preset, config_file=args.config, overrides=args.set, **flags)

@@ -414,12 +414,31 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+_PLAIN_BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
 def convert_sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Module:
-    """Make every BatchNorm synchronise over ranks: torch's SyncBatchNorm on GPUs, ours on CPU."""
+    """Make every BatchNorm synchronise over ranks: torch's SyncBatchNorm on GPUs, ours on CPU.
+
+    Only torch's own BatchNorm1d/2d/3d are converted. A subclass that does more in its forward
+    (timm's BatchNormAct2d applies its activation) would lose it in either converter, so it is
+    refused with a ValueError naming it; a network without BatchNorm (a ViT) is returned as it is."""
+    odd = [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and type(m) not in _PLAIN_BATCHNORMS
+           and not isinstance(m, (CPUSyncBatchNorm, torch.nn.SyncBatchNorm))]
+    if odd:
+        raise ValueError(f"model.sync_bn: {len(odd)} BatchNorm layer(s) of a kind that cannot be synchronised "
+                         f"without losing what else they compute: {', '.join(odd[:3])}"
+                         f"{', ...' if len(odd) > 3 else ''}; set model.sync_bn=false (each process then "
+                         "normalises over its own part of the batch)")
     if device_type != "cpu":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_cpu_sync(module)
+
+
+def _to_cpu_sync(module: torch.nn.Module) -> torch.nn.Module:
     out = module
-    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
+    if type(module) in _PLAIN_BATCHNORMS:
         out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                module.track_running_stats)
         with torch.no_grad():
@@ -432,5 +451,5 @@ def convert_sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.n
                 out.num_batches_tracked.copy_(module.num_batches_tracked)
         out.train(module.training)
     for name, child in module.named_children():
-        out.add_module(name, convert_sync_batchnorm(child, device_type))
+        out.add_module(name, _to_cpu_sync(child))
     return out

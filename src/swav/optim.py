@@ -100,6 +100,7 @@ class LARS(torch.optim.Optimizer):
         wd, eta = group["weight_decay"], group["eta"]
         lr, momentum = group["lr"], group["momentum"]
         exclude = group["exclude_bias_and_bn"]
+        plain_group = group.get("lars_exclude", False)  # every parameter: g' = g (issue 21/22 contract)
 
         adapted: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # (device, dtype) -> params
         params: list[torch.Tensor] = []
@@ -112,7 +113,7 @@ class LARS(torch.optim.Optimizer):
                 raise RuntimeError("LARS does not support sparse gradients")
             params.append(p)
             updates.append(p.grad)
-            if exclude and p.ndim <= 1:
+            if plain_group or (exclude and p.ndim <= 1):
                 plain.append(len(params) - 1)
             else:
                 adapted[(p.device, p.dtype)].append(len(params) - 1)
@@ -159,16 +160,18 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_add_(params, steps, alpha=-lr)
 
 
-def _split_decay(params: list[nn.Parameter]) -> tuple[list, list]:
-    """Split parameters into (>= 2-D, 1-D) lists: biases and norm weights are 1-D."""
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    return decay, no_decay
+def _split_decay(model: nn.Module, no_weight_decay=()) -> tuple[list, list]:
+    """Split a model's trainable parameters into (decay, no_decay) by kind: every parameter of a norm
+    layer and every bias, whatever their names or shapes, plus the names in ``no_weight_decay`` (a
+    library's own list, e.g. timm's position embeddings) go to no_decay (:func:`swav.models.decay_groups`)."""
+    from swav.models import decay_groups
+
+    return decay_groups(model, set(no_weight_decay))
 
 
 def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float = 1e-6,
                     momentum: float = 0.9, lars_eta: float = 0.001,
-                    exclude_bias_and_bn: bool = False) -> torch.optim.Optimizer:
+                    exclude_bias_and_bn: bool = False, no_weight_decay=()) -> torch.optim.Optimizer:
     """Build the pretraining optimiser.
 
     Args:
@@ -178,11 +181,15 @@ def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float =
             (``momentum`` is ignored; betas stay at (0.9, 0.999)).
         lr: initial learning rate; the trainer overwrites it every step with :func:`set_lr`.
         weight_decay, momentum, lars_eta: as in :class:`LARS`.
-        exclude_bias_and_bn: exclude 1-D parameters from weight decay (and, for LARS, from
-            the trust ratio).
+        exclude_bias_and_bn: keep norm layers and biases (by module kind, for a module; 1-D
+            parameters for a flat list) and the names in ``no_weight_decay`` out of weight decay
+            and, for LARS, out of the trust ratio: for a module, a second parameter group with
+            ``weight_decay=0`` (and ``lars_exclude=True`` for LARS).
+        no_weight_decay: full parameter names of ``model_or_params`` (a module) to exclude too.
     """
-    if isinstance(model_or_params, nn.Module):
-        params: list = [p for p in model_or_params.parameters() if p.requires_grad]
+    module = model_or_params if isinstance(model_or_params, nn.Module) else None
+    if module is not None:
+        params: list = [p for p in module.parameters() if p.requires_grad]
     else:
         params = list(model_or_params)
     if not params:
@@ -192,13 +199,15 @@ def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float =
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
     groups_given = isinstance(params[0], dict)
+    if exclude_bias_and_bn and not groups_given and (module is not None or key != "lars"):
+        decay, no_decay = _split_decay(module, no_weight_decay) if module is not None else (
+            [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1])
+        extra = {"lars_exclude": True} if key == "lars" else {}
+        params = [g for g in ({"params": decay}, {"params": no_decay, "weight_decay": 0.0, **extra})
+                  if g["params"]]
     if key == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta,
-                    exclude_bias_and_bn=exclude_bias_and_bn)
-    if exclude_bias_and_bn and not groups_given:
-        decay, no_decay = _split_decay(params)
-        params = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        params = [g for g in params if g["params"]]
+                    exclude_bias_and_bn=exclude_bias_and_bn and module is None and not groups_given)
     if key == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

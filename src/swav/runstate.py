@@ -90,6 +90,9 @@ class RunState:
             L.queue = self.new_queue()
             L.queue.load_global_state_dict(state["queue"], self.rank, self.world)
         self.resumed_from = int(state.get("world_size", 1))
+        rng = state.get("rng") or {}
+        if isinstance(rng.get("torch"), torch.Tensor):  # drop-path and dropout draw from it: exact resume
+            torch.set_rng_state(rng["torch"])
 
     def new_queue(self) -> FeatureQueue:
         c = self.cfg

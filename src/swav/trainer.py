@@ -11,6 +11,7 @@ is the step; ``swav.runstate.RunState`` owns the checkpoint and run.json. This m
 """
 from __future__ import annotations
 
+import copy
 import logging
 import platform
 import signal
@@ -110,13 +111,29 @@ class _WarningsToRecord(logging.Handler):
             self.handleError(rec)
 
 
-def train(cfg: Config, *, max_steps: int | None = None) -> RunResult:
+def train(cfg: Config, *, max_steps: int | None = None, backbone: torch.nn.Module | None = None) -> RunResult:
     """Pretrain with SwAV as ``cfg`` says, writing everything into ``cfg.out``.
 
     Resumes automatically from ``cfg.out/checkpoint.pt`` when it exists and its config matches
     (a mismatch raises ResumeMismatchError naming the fields). ``max_steps`` stops after that
     many steps in this call (for tests and benchmarks); the checkpoint is written first.
+
+    ``backbone``: a module of yours instead of ``model.arch`` (it maps images (B, C, H, W) to pooled
+    features (B, num_features) and has ``num_features``). The run's ``model.arch`` becomes
+    ``module/<its class name>`` (unless it already names a ``module/...``); the module is copied, as
+    it is now, for the run and for the final comparison with the network at initialisation (your
+    object is not trained: the trained weights are in the run's checkpoint,
+    ``swav.eval.weights.load_weights(run_dir, backbone=module)``). Resume by calling again with the
+    same module; the command line cannot rebuild it.
     """
+    if backbone is not None:
+        from swav.models import MODULES
+
+        cfg = copy.deepcopy(cfg)
+        if not MODULES.owns(cfg.model.arch):
+            cfg.model.arch = MODULES.arch_of(backbone)
+        with MODULES.given(cfg.model.arch, backbone):
+            return train(cfg, max_steps=max_steps)
     t_start = time.time()
     env = dist_utils.read_env()
     # every setting is checked before anything is started or written
@@ -241,7 +258,8 @@ def _set_up(cfg: Config, env, device: torch.device, precision: str, record: RunR
     if dist_utils.is_main():
         save_yaml(cfg, out / "config.yaml")
     dataset, loader, eval_data = _open_data(cfg, rank, world, device)
-    model, optimizer, scaler = build_training_state(cfg, device, world, precision)
+    model, optimizer, scaler = build_training_state(cfg, device, world, precision,
+                                                    init_weights=resume_point is None)
     learner = Learner(model, model, optimizer, scaler, build_multicrop(cfg).to(device), device, precision, world,
                       cfg.swav, NaNGuard(cfg.train.nan_patience))
     state = RunState(cfg, out, learner, StepPlan.start(cfg, loader.steps_per_epoch), record, rank, world)

@@ -13,9 +13,10 @@ import sys
 
 __all__ = ["register"]
 
-CHECKPOINT_HELP = ("a run checkpoint (RUN_DIR/checkpoint.pt, or the run folder itself), an official SwAV "
-                   "release file (RN50 or wide, with or without 'module.'), or a torchvision-layout ResNet "
-                   "state dict (.pt or .safetensors); the kind is read off the keys")
+CHECKPOINT_HELP = ("a run checkpoint (RUN_DIR/checkpoint.pt, or the run folder itself; any backbone: our "
+                   "ResNets, timm/..., torchvision/...), an official SwAV release file (RN50 or wide, with or "
+                   "without 'module.'), or a torchvision-layout ResNet state dict (.pt or .safetensors); the "
+                   "kind is read off the keys")
 
 
 # --------------------------------------------------------------------------------------
@@ -218,15 +219,21 @@ def _cmd_embed(args) -> int:
     return _skip_summary("embed", res["images"], res["skipped"], len(dataset))
 
 
+_EXPORT_WHAT = {"official": "whole model, official SwAV layout with 'module.' prefixes",
+                "onnx": "backbone as ONNX, dynamic batch axis"}
+
+
 @_with_logging
 def _cmd_export(args) -> int:
     from swav.eval.weights import export_weights, load_weights
 
     loaded = load_weights(args.checkpoint)
-    path = export_weights(loaded, args.format, args.out)
-    what = "whole model, official layout with 'module.' prefixes" if args.format == "official" else \
-        "backbone, torchvision ResNet key names (no fc)"
-    print(f"{loaded.info} -> {path} ({what})")
+    path = export_weights(loaded, args.format, args.out, size=args.size)
+    what = _EXPORT_WHAT.get(args.format, f"backbone, {loaded.family.name} key names, no classifier")
+    removed = getattr(loaded.backbone, "classifier", "")
+    hint = f"; in {loaded.family.name}'s own model replace {removed} by torch.nn.Identity() first" if removed \
+        and args.format != "onnx" else ""
+    print(f"{loaded.info} -> {path} ({what}{hint})")
     return 0
 
 
@@ -329,15 +336,26 @@ def register(sub) -> None:
                    help="pooled backbone features (default) or the L2-normalised projection the prototypes score")
     p.set_defaults(func=_cmd_embed, _words=("embed",))
 
-    p = sub.add_parser("export", help="write the weights as torchvision, safetensors or official SwAV files",
-                       description="Export a checkpoint: 'torchvision' and 'safetensors' write the backbone under "
-                                   "torchvision's ResNet key names (a torchvision ResNet of the same architecture "
-                                   "loads it with strict=True once its fc is removed); 'official' writes the whole "
-                                   "model in the layout of the SwAV releases (with 'module.' prefixes).")
+    _export_parser(sub)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write the weights as torchvision, timm, safetensors, official SwAV or ONNX files",
+                       description="Export a checkpoint. 'torchvision' (our ResNets, torchvision networks) and "
+                                   "'timm' (timm networks) write the backbone's state dict under its library's own "
+                                   "key names (the library's model loads it with strict=True once its classifier "
+                                   "is removed: timm num_classes=0; torchvision: the layer printed replaced by "
+                                   "Identity); 'safetensors' the same tensors with the architecture in its "
+                                   "metadata; 'official' the whole model in the layout of the SwAV releases (our "
+                                   "ResNets, with 'module.' prefixes); 'onnx' the backbone as an ONNX graph "
+                                   "(input 'images' N x C x SIZE x SIZE, normalised; output 'features'; N dynamic; "
+                                   "pip install 'swav[onnx]').")
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--format", required=True, choices=("torchvision", "safetensors", "official"))
+    p.add_argument("--format", required=True, choices=("torchvision", "timm", "safetensors", "official", "onnx"))
     p.add_argument("--out", metavar="FILE", default=None,
-                   help="file to write (default: next to the checkpoint, NAME-FORMAT.pt / .safetensors)")
+                   help="file to write (default: next to the checkpoint, NAME-FORMAT.pt / .safetensors / .onnx)")
+    p.add_argument("--size", type=_positive(int), default=None, metavar="PX",
+                   help="onnx: the input side in pixels (default: the run's large crops, else 224)")
     p.set_defaults(func=_cmd_export, _words=("export",))
 
 

@@ -29,7 +29,6 @@ from swav.config.layers import make_config
 from swav.config.presets import PRESET_DESCRIPTIONS, PRESETS, list_presets
 from swav.config.schema import (
     ALL_KEYS,
-    ARCHS,
     BUILTIN_SOURCES,
     FIELD_TYPES,
     OPTIMIZER_NAMES,
@@ -71,7 +70,6 @@ __all__ = [
     "RESUME_FREE_FIELDS",
     "config_help",
     "flatten",
-    "ARCHS",
     "BUILTIN_SOURCES",
     "PRECISIONS",
 ]

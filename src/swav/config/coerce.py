@@ -75,10 +75,34 @@ def _coerce_scalar(value: Any, tp: type) -> Any:
     raise _CoerceError
 
 
+def _coerce_dict(value: Any) -> dict:
+    """A mapping of names to plain values: a dict, or YAML flow text such as ``{patch_size: 4}``."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value) if value.strip() else {}
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise _CoerceError
+    return {k: _plain(v) for k, v in value.items()}
+
+
+def _plain(value: Any) -> Any:
+    """A value YAML and JSON can hold (what a run's config records), else _CoerceError."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v) for k, v in value.items()}
+    raise _CoerceError
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Convert ``value`` to the field type ``tp`` or raise a ConfigError naming the key."""
     try:
         origin = typing.get_origin(tp)
+        if origin is dict:
+            return _coerce_dict(value)
         if origin is list:
             (elem,) = typing.get_args(tp)
             if isinstance(value, str):
@@ -116,6 +140,16 @@ def suggest_key(key: str) -> str:
 
 
 def _set(cfg: Config, key: str, value: Any) -> None:
+    parent, _, entry = key.rpartition(".")
+    if key not in FIELD_TYPES and typing.get_origin(FIELD_TYPES.get(parent)) is dict and entry:
+        # one entry of a dict setting: model.kwargs.patch_size=4 (the value read as YAML)
+        section, name = parent.split(".", 1)
+        try:
+            item = _plain(yaml.safe_load(value) if isinstance(value, str) else value)
+        except (_CoerceError, yaml.YAMLError):
+            raise ConfigError(f"{key}: cannot use {reprlib.repr(value)}; expected a plain value") from None
+        getattr(getattr(cfg, section), name)[entry] = item
+        return
     if key not in FIELD_TYPES:
         raise ConfigError(suggest_key(key))
     value = _coerce(key, value, FIELD_TYPES[key])

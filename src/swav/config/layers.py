@@ -21,9 +21,13 @@ def _parse_set(item: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=5")
     key, raw = item.split("=", 1)
     key = key.strip()
-    if key not in FIELD_TYPES:
+    parent = key.rpartition(".")[0]
+    if key not in FIELD_TYPES and typing.get_origin(FIELD_TYPES.get(parent)) is dict:
+        tp = Any  # one entry of a dict setting (model.kwargs.patch_size=4): read as YAML
+    elif key not in FIELD_TYPES:
         raise ConfigError(suggest_key(key))
-    tp = FIELD_TYPES[key]
+    else:
+        tp = FIELD_TYPES[key]
     text = raw.strip()
     if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
                      and str in typing.get_args(tp)):

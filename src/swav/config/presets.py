@@ -97,6 +97,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                   "final_knn": True, "knn_max_train": 0,
                   "precision": "auto", "channels_last": True},
     },
+    "fashion-mnist-vit": {
+        # A ViT on Fashion-MNIST in 10 CPU minutes (issue 21; needs timm: pip install 'swav[timm]'):
+        # timm's vit_tiny made small for 28-px images (4-px patches: a 7x7 grid for the large crops,
+        # 4x4 for the small ones; position embeddings interpolated per crop size), trained with
+        # AdamW, a warm-up and weight decay off norms, biases, the position embeddings and the class
+        # token, as ViTs need (DINO's recipe). Screen and seeds: docs/benchmarks.md, session 12.
+        "data": {"source": "fashion-mnist", "workers": 0},
+        "augment": {"size_crops": [28, 16], "nmb_crops": [2, 6],
+                    "min_scale_crops": [0.5, 0.1], "max_scale_crops": [1.0, 0.3],
+                    "jitter_strength": 0.5, "grayscale_prob": 0.0, "blur_prob": 0.0,
+                    "mean": _FMNIST_MEAN, "std": _FMNIST_STD},
+        "model": {"arch": "timm/vit_tiny_patch16_224", "in_chans": 1,
+                  "kwargs": {"patch_size": 4, "img_size": 28, "embed_dim": 96, "depth": 4, "num_heads": 3,
+                             "mlp_ratio": 2.0, "drop_path_rate": 0.0, "global_pool": "avg"},
+                  "hidden_mlp": 512, "feat_dim": 128, "nmb_prototypes": 100},
+        "swav": {"queue_length": 0, "freeze_prototypes_epochs": 0.1},
+        "optim": {"optimizer": "adamw", "lr": 0.001, "final_lr": 0.00001, "warmup_epochs": 0.2,
+                  "start_warmup": 0.0, "weight_decay": 0.04, "exclude_bias_and_bn": True},
+        "train": {"epochs": 100, "batch_size": 64, "time_budget_minutes": 10.0,
+                  "final_knn": True, "knn_max_train": 0, "precision": "fp32"},
+    },
     "smoke": {
         "data": {"source": "fashion-mnist", "subset": 512, "workers": 0},
         "augment": {"size_crops": [28, 16], "nmb_crops": [2, 2],
@@ -122,6 +143,8 @@ PRESET_DESCRIPTIONS: dict[str, str] = {
     "fashion-mnist": "Fashion-MNIST on one CPU or GPU in about 10 minutes: narrow ResNet-10 "
                      "(zero-init residuals) with 4x4-pooled features, 2x28+6x16 crops, 100 prototypes, batch 64, LARS lr 2.4, bf16 where native, "
                      "channels_last",
+    "fashion-mnist-vit": "Fashion-MNIST in about 10 minutes with a small ViT (timm, 4-px patches, 6 blocks "
+                         "of width 128), AdamW with warm-up, 2x28+6x16 crops (needs pip install 'swav[timm]')",
     "smoke": "tiny end-to-end check (512 Fashion-MNIST images, 2 epochs, seconds on a CPU)",
 }
 

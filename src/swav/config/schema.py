@@ -1,6 +1,7 @@
 """The typed schema of a run's configuration: the section dataclasses with every field's default
-and help string, the allowed values (ARCHS, OPTIMIZER_NAMES, PRECISIONS, BUILTIN_SOURCES) and
-:class:`ConfigError`."""
+and help string, the allowed values (OPTIMIZER_NAMES, PRECISIONS, BUILTIN_SOURCES) and
+:class:`ConfigError`. The backbones are the registry's (``swav.models.registry``: ``list_backbones()``
+and the ``timm/``, ``torchvision/`` and ``module/`` families), not a list kept here."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from typing import Any
 from swav.data.builtin import BUILTIN_NAMES
 
 
-ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-         "resnet50w2", "resnet50w4", "resnet50w5")
 OPTIMIZER_NAMES = ("lars", "sgd", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BUILTIN_SOURCES = BUILTIN_NAMES  # from the one table of built-ins (swav.data.builtin)
@@ -99,21 +98,33 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("resnet50", "backbone: resnet10 (one block per stage)/18/34/50/101/152 or the wide "
-                           "resnet50w2/w4/w5")
-    width_per_group: int = _f(64, "base width of the ResNet (64 = standard); 16-32 make tiny "
-                                  "models for CPU runs")
-    widen: int = _f(1, "width multiplier of the ResNet (the wN archs set it themselves)")
+    arch: str = _f("resnet50", "backbone: ours, resnet10 (one block per stage)/18/34/50/101/152 or the "
+                               "wide resnet50w2/w4/w5; timm/<name> (any model timm builds, pip install "
+                               "'swav[timm]'); torchvision/<name> (any torchvision classification model, "
+                               "pip install 'swav[torchvision]'); the classifier is removed")
+    kwargs: dict[str, Any] = _f({}, "settings for a library's constructor (timm/..., torchvision/...), e.g. "
+                                    "{patch_size: 4, img_size: 28, drop_path_rate: 0.1} or --set "
+                                    "model.kwargs.patch_size=4; recorded in the run like every setting")
+    init_from: str | None = _f(None, "start from the weights of this file (--init-from): a swav run (folder or "
+                                     "checkpoint), an official SwAV release, or a torchvision or timm state dict "
+                                     "(.pt/.pth/.safetensors) of this backbone; every backbone key must be in it, "
+                                     "its classifier, projection head and prototypes are named and not used; "
+                                     "read at the start only, never on resume")
+    width_per_group: int = _f(64, "base width of our ResNets (64 = standard); 16-32 make tiny "
+                                  "models for CPU runs (ResNet only)")
+    widen: int = _f(1, "width multiplier of our ResNets (the wN archs set it themselves; ResNet only)")
     in_chans: int = _f(3, "input channels: 3 for colour, 1 for grayscale data such as "
-                          "Fashion-MNIST")
+                          "Fashion-MNIST (every backbone: timm's in_chans; a torchvision model's first "
+                          "convolution sums its RGB filters)")
     small_stem: bool = _f(False, "3x3 stride-1 first conv and no max-pool, for 28-64 px images; "
-                                 "keep False for ImageNet-size images")
-    pool_size: int = _f(1, "side of the average-pooling grid over the backbone's last feature map: 1 = "
+                                 "keep False for ImageNet-size images (ResNet only)")
+    pool_size: int = _f(1, "side of the average-pooling grid over our ResNet's last feature map: 1 = "
                            "global average pooling (torchvision's); 2 keeps the coarse layout (2x2 cells, "
-                           "4x the features)")
+                           "4x the features). timm and torchvision networks pool as their library does "
+                           "(timm: model.kwargs.global_pool)")
     zero_init_residual: bool = _f(False, "start the last BatchNorm of each residual branch at zero "
                                          "(Goyal et al. 2017; torchvision's option), so each block "
-                                         "starts as its shortcut; False in the official code")
+                                         "starts as its shortcut; False in the official code (ResNet only)")
     hidden_mlp: int = _f(2048, "hidden width of the 2-layer projection head (0 = a single linear "
                                "layer)")
     feat_dim: int = _f(128, "dimension of the L2-normalised features and prototypes (128 in the "
@@ -122,7 +133,8 @@ class ModelConfig:
                                    "to K (3000 for ImageNet); use ~10x the number of classes for "
                                    "small data")
     sync_bn: bool = _f(True, "synchronise BatchNorm statistics over processes; matters when the "
-                             "per-process batch is small (< 64)")
+                             "per-process batch is small (< 64); no effect on networks without BatchNorm "
+                             "(ViTs)")
 
 
 @dataclass
@@ -162,9 +174,11 @@ class OptimConfig:
     momentum: float = _f(0.9, "SGD/LARS momentum (ignored by adamw)")
     lars_eta: float = _f(0.001, "LARS trust coefficient eta: each layer steps by about "
                                 "lr * eta * ||w||; 0.001 in the paper")
-    exclude_bias_and_bn: bool = _f(False, "exclude biases and BatchNorm weights from weight decay "
-                                          "and LARS adaptation (BYOL-style; off in the official "
-                                          "SwAV code)")
+    exclude_bias_and_bn: bool = _f(False, "exclude biases and norm layers (BatchNorm, LayerNorm, "
+                                          "GroupNorm..., found by module kind) and the library's own "
+                                          "list (timm's position embeddings and class token) from weight "
+                                          "decay and LARS adaptation (BYOL-style; off in the official "
+                                          "SwAV code; on for ViTs)")
 
 
 @dataclass
@@ -252,6 +266,8 @@ def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is list:
         return f"list[{type_name(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return "dict"
     if origin in (typing.Union, types.UnionType):
         return " | ".join(type_name(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))

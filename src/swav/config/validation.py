@@ -8,7 +8,6 @@ from collections.abc import Iterable
 
 from swav.config.schema import (
     DEVICE_RE,
-    ARCHS,
     BUILTIN_SOURCES,
     OPTIMIZER_NAMES,
     PRECISIONS,
@@ -155,8 +154,19 @@ def _check_crop_groups(found: _Findings, a: AugmentConfig) -> None:
 
 
 def _check_model(found: _Findings, m: ModelConfig) -> None:
-    """The model section."""
-    found.choice("model.arch", m.arch, ARCHS)
+    """The model section: the arch is one the registry knows (a missing optional library raises
+    MissingExtraError at once: one line with the pip install), and its family reads every setting
+    given (ResNet-only settings at non-default values for another family are errors)."""
+    import dataclasses
+
+    from swav.models import arch_problem, family_of
+
+    problem = arch_problem(str(m.arch))
+    if problem:
+        found.err(problem)
+    else:
+        for p in family_of(m.arch).setting_problems(m.arch, dataclasses.asdict(m)):
+            found.err(p)
     found.at_least("model.width_per_group", m.width_per_group, 1)
     found.at_least("model.widen", m.widen, 1)
     found.at_least("model.in_chans", m.in_chans, 1)
@@ -278,6 +288,10 @@ def check_paths(cfg: Config) -> None:
     if src.strip() and canonical_name(src) is None and not os.path.exists(src):
         problems.append(f"data.source = {src!r} is neither a built-in data set ({', '.join(BUILTIN_NAMES)}) "
                         "nor an existing folder of images or file list")
+    init = cfg.model.init_from
+    if init and not os.path.exists(init):
+        problems.append(f"model.init_from = {init!r} (--init-from) does not exist; give a swav run folder or "
+                        "checkpoint, an official SwAV file, or a torchvision or timm state dict")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         problems.append(f"out = {str(out)!r} exists and is not a folder")

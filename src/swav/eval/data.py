@@ -139,7 +139,7 @@ def eval_data_for(loaded, data: str | None = None, root: str | None = None, size
                          "on, so give --data (a built-in name, a folder or a file list)")
     from swav.data import builtin
 
-    in_chans = int(loaded.resnet_kwargs.get("in_chans", 3))
+    in_chans = loaded.in_chans
     key = builtin.canonical_name(data)
     mean, std = BUILTIN_STATS.get(key, (IMAGENET_MEAN, IMAGENET_STD))
     return EvalData(source=data, root=root, in_chans=in_chans, size=size, mean=_fit_channels(mean, in_chans),

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ResNet", "BasicBlock", "Bottleneck", "GridPool", "resnet_kwargs_from_state_dict", "RESNET_SPECS"]
+from swav.models.families import Family
+
+__all__ = ["ResNetFamily", "ResNet", "BasicBlock", "Bottleneck", "GridPool", "resnet_kwargs_from_state_dict", "resnet_name",
+           "RESNET_SPECS"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -242,3 +245,79 @@ def resnet_kwargs_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dic
         "small_stem": small_stem,
         "num_classes": 0 if fc is None else fc.shape[0],
     }
+
+
+# --------------------------------------------------------------------------------------------
+# the family of our ResNets (the default, the parity-tested path)
+# --------------------------------------------------------------------------------------------
+class ResNetFamily(Family):
+    """Our ResNets: torchvision's key names, the official SwAV widths, the small stem, the pooling
+    grid and zero-init residuals (``model.width_per_group``, ``widen``, ``small_stem``, ``pool_size``,
+    ``zero_init_residual``). They take any input size (every stride-2 layer is padded)."""
+
+    name = "swav ResNet"
+    reads = ("in_chans", "width_per_group", "widen", "small_stem", "pool_size", "zero_init_residual")
+    export_formats = ("torchvision", "safetensors", "official", "onnx")
+    example = ("resnet18", {"width_per_group": 8, "small_stem": True, "pool_size": 2})
+
+    def owns(self, arch: str) -> bool:
+        return arch in RESNET_SPECS
+
+    def names(self) -> list[str]:
+        return list(RESNET_SPECS)
+
+    def create(self, arch: str, width_per_group: int = 64, widen: int = 1, **kw) -> ResNet:
+        block, layers, arch_widen = RESNET_SPECS[arch]
+        # ``widen`` multiplies the architecture's own (resnet50w2 with widen=1 is 2x wide)
+        return ResNet(block, layers, width_per_group=width_per_group, widen=widen * arch_widen, **kw)
+
+    def setting_problems(self, arch, settings):
+        if settings.get("kwargs"):
+            return [f"model.kwargs = {settings['kwargs']!r} is passed to a library's constructor (timm/..., "
+                    f"torchvision/...); {arch} takes its settings as model.width_per_group, model.widen, "
+                    "model.small_stem, model.pool_size and model.zero_init_residual"]
+        return []
+
+    def describe(self, arch, settings) -> list[str]:
+        parts = [f"width {settings.get('width_per_group', 64)}"]
+        if settings.get("widen", 1) != 1:
+            parts.append(f"widened {settings['widen']}x")
+        if settings.get("small_stem"):
+            parts.append("small stem")
+        if settings.get("in_chans", 3) != 3:
+            parts.append(f"{settings['in_chans']} input channel(s)")
+        pool = settings.get("pool_size", 1)
+        if pool > 1:
+            parts.append(f"features pooled to a {pool}x{pool} grid")
+        if settings.get("zero_init_residual"):
+            parts.append("residual branches zero at init")
+        return parts
+
+    def classifier_keys(self, backbone, state_dict):
+        own = set(backbone.state_dict())
+        return [k for k in state_dict if k.startswith("fc.") and k not in own]  # torchvision's classifier
+
+    def min_input_size(self, backbone, in_chans, sizes):
+        return {}  # every stride-2 convolution and the max-pool are padded: any size >= 1 works
+
+
+def resnet_name(kw: Mapping) -> str:
+    """The name of a ResNet described by :func:`resnet_kwargs_from_state_dict`'s dict, from
+    RESNET_SPECS (the one list), with what differs from its standard form: ``resnet10 (width 16,
+    1 channel(s), small stem, 4x4 pooled)``."""
+    block, layers = kw["block"].__name__, list(kw["layers"])
+    widen = kw.get("widen", 1)
+    base = next((n for n, (b, ls, w) in RESNET_SPECS.items() if b.__name__ == block and ls == layers and w == 1),
+                f"ResNet{layers}")
+    wide = next((n for n, (b, ls, w) in RESNET_SPECS.items() if b.__name__ == block and ls == layers and w == widen
+                 and w != 1), None)
+    extra = [] if wide else ([f"w{widen}"] if widen != 1 else [])
+    if kw.get("width_per_group", 64) != 64:
+        extra.append(f"width {kw['width_per_group']}")
+    if kw.get("in_chans", 3) != 3:
+        extra.append(f"{kw['in_chans']} channel(s)")
+    if kw.get("small_stem"):
+        extra.append("small stem")
+    if kw.get("pool_size", 1) > 1:
+        extra.append(f"{kw['pool_size']}x{kw['pool_size']} pooled")
+    return (wide or base) + (f" ({', '.join(extra)})" if extra else "")

@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 # and tests/sideenv/ through tests/test_side_env.py). The project is installed there too (editable).
 TV_VENV  ?= .venv-torchvision
 TV_PINS  ?= torch==2.14.1 torchvision==0.29.1 safetensors==0.8.0 timm==1.0.31 onnx==1.23.2 onnxscript==0.7.2 \
-            onnxruntime==1.32.0 pytest==9.2.0
+            onnxruntime==1.32.0 pytest==9.2.0 matplotlib==3.11.2 scikit-learn==1.9.1
 TV_STAMP := $(TV_VENV)/.installed-stamp
 
 .PHONY: install test demo data fuzz clean interop-env

@@ -70,7 +70,7 @@ def test_export_names_load_back_strictly_and_name_what_does_not_fit(family):
     x = torch.randn(2, 1, 24, 24, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert not torch.allclose(net(x), other(x))
-        assert family.load_export_state_dict(other, sd, "test") == []
+        assert family.load_export_state_dict(other, sd, "test") == ([], [])
         assert torch.equal(net(x), other(x))
     first = next(iter(sd))
     with pytest.raises(StateDictMismatchError, match=f"missing keys: {first}"):

@@ -133,3 +133,48 @@ def test_the_checker_sees_a_cycle(tmp_path, monkeypatch):
 
 def module_name_in(pkg: Path, p: Path) -> str:
     return "swav" if p.stem == "__init__" else f"swav.{p.stem}"
+
+
+# ---------------------------------------------------------------- backbone families (issue 21)
+def _family_words() -> set[str]:
+    from swav.models import FAMILIES, list_backbones
+
+    return {f.prefix for f in FAMILIES if f.prefix} | set(list_backbones()) | {"resnet"}
+
+
+def family_tests_outside_models() -> list[str]:
+    """Places outside ``swav.models`` that test a backbone family's name: a comparison with, or a
+    ``startswith``/``endswith``/``in`` test against, a family prefix (``timm/``...) or an arch name, and
+    imports of the optional libraries (timm, torchvision), which belong inside their family."""
+    words, found = _family_words(), []
+    for name, path in MODULES.items():
+        if name == "swav.models" or name.startswith("swav.models."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            consts = []
+            if isinstance(node, ast.Compare):
+                consts = [n for n in [node.left, *node.comparators] if isinstance(n, ast.Constant)]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr in ("startswith", "endswith"):
+                consts = [n for a in node.args for n in ast.walk(a) if isinstance(n, ast.Constant)]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                found += [f"{name}:{node.lineno} imports {m}" for m in mods if m.split(".")[0] in ("timm", "torchvision")]
+            for c in consts:
+                if isinstance(c.value, str) and any(c.value == w or c.value.startswith(w) for w in words):
+                    found.append(f"{name}:{c.lineno} tests {c.value!r}")
+    return found
+
+
+def test_nothing_outside_models_tests_a_family_name():
+    assert not family_tests_outside_models(), "ask swav.models.family_of(arch) instead:\n  " + "\n  ".join(
+        family_tests_outside_models())
+
+
+def test_the_family_name_checker_sees_a_test(tmp_path, monkeypatch):
+    pkg = tmp_path / "swav"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "bad.py").write_text("def f(arch):\n    return arch.startswith('timm/') or arch == 'resnet50'\n")
+    monkeypatch.setattr(__import__(__name__), "MODULES", {module_name_in(pkg, p): p for p in pkg.glob("*.py")})
+    assert len(family_tests_outside_models()) == 2

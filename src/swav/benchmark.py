@@ -75,11 +75,17 @@ def _counter():
     return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
 
 
-def _leaf_counts(counter, root: str) -> list[tuple[str, int]]:
-    """``(module name, FLOPs)`` of the innermost modules that did arithmetic, in call order."""
-    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items() if k != "Global"}
-    names = [k for k in counts if counts[k] and not any(o.startswith(k + ".") and counts[o] for o in counts)]
-    return [(k[len(root) + 1:] if k.startswith(root + ".") else k, counts[k]) for k in names]
+def _own_counts(counter, root: str) -> list[tuple[str, int]]:
+    """``(module name, FLOPs of its own operations)`` of every module that did arithmetic outside its
+    submodules (a convolution, a linear layer, attention inside a block's forward), in call order; the
+    root module is named by its class."""
+    total = {k: sum(v.values()) for k, v in counter.get_flop_counts().items() if k != "Global"}
+    out = []
+    for k, flops in total.items():
+        children = sum(v for c, v in total.items() if c.startswith(k + ".") and "." not in c[len(k) + 1:])
+        if flops - children > 0:
+            out.append((k[len(root) + 1:] if k.startswith(root + ".") else k, flops - children))
+    return out
 
 
 def count_flops(model: nn.Module, run: Callable[[], object]) -> dict:
@@ -108,7 +114,7 @@ def count_flops(model: nn.Module, run: Callable[[], object]) -> dict:
             p.grad = g
     root = type(model).__name__
     return {"forward_flops": fwd.get_total_flops(), "backward_flops": bwd.get_total_flops(),
-            "layers": [(name, flops // 2) for name, flops in _leaf_counts(fwd, root)]}
+            "layers": [(name, flops // 2) for name, flops in _own_counts(fwd, root)]}
 
 
 def count_model_flops(model: nn.Module, in_chans: int, size_crops, nmb_crops, batch_size: int,

@@ -327,14 +327,15 @@ def _tensor_dict(obj, path: Path) -> dict[str, torch.Tensor]:
 class InitReport:
     """What ``--init-from`` loaded: the file, its layout, how many tensors, and every key not used."""
 
-    def __init__(self, path: Path, layout: str, loaded: int, unused: list[str]):
+    def __init__(self, path: Path, layout: str, loaded: int, unused: list[str], adapted: list[str] = ()):
         self.path, self.layout, self.loaded, self.unused = path, layout, loaded, list(unused)
+        self.adapted = list(adapted)
 
     def line(self) -> str:
         shown = ", ".join(self.unused[:20]) + (f", ... ({len(self.unused) - 20} more)" if len(self.unused) > 20 else "")
         return (f"backbone initialised from {self.path} ({self.layout}): {self.loaded} tensors, every backbone key; "
                 + (f"{len(self.unused)} key(s) of the file not used: {shown}" if self.unused else
-                   "every key of the file used"))
+                   "every key of the file used") + "".join(f"; {a}" for a in self.adapted))
 
 
 def load_backbone_weights(backbone: torch.nn.Module, family, path: str | os.PathLike, arch: str) -> InitReport:
@@ -359,6 +360,6 @@ def load_backbone_weights(backbone: torch.nn.Module, family, path: str | os.Path
         return InitReport(path, "a swav model", len(body), unused)
     head = sorted(k for k in sd if k.startswith(_HEAD_PREFIXES))
     body = fill_num_batches_tracked({k: v for k, v in sd.items() if not k.startswith(_HEAD_PREFIXES)})
-    unused = head + family.load_export_state_dict(backbone, body, what)
+    classifier, adapted = family.load_export_state_dict(backbone, body, what)
     layout = "an official SwAV file" if head else f"a {family.name} state dict"
-    return InitReport(path, layout, len(body) - len(unused) + len(head), unused)
+    return InitReport(path, layout, len(body) - len(classifier), head + classifier, adapted)

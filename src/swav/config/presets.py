@@ -113,7 +113,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                              "mlp_ratio": 2.0, "drop_path_rate": 0.0, "global_pool": "avg"},
                   "hidden_mlp": 512, "feat_dim": 128, "nmb_prototypes": 100},
         "swav": {"queue_length": 0, "freeze_prototypes_epochs": 0.1},
-        "optim": {"optimizer": "adamw", "lr": 0.001, "final_lr": 0.00001, "warmup_epochs": 0.2,
+        "optim": {"optimizer": "adamw", "lr": 0.002, "final_lr": 0.00001, "warmup_epochs": 0.2,
                   "start_warmup": 0.0, "weight_decay": 0.04, "exclude_bias_and_bn": True},
         "train": {"epochs": 100, "batch_size": 64, "time_budget_minutes": 10.0,
                   "final_knn": True, "knn_max_train": 0, "precision": "fp32"},

@@ -55,6 +55,7 @@ class EvalData:
     min_size: int = 0
     max_side: int = 0
     batch_size: int = 256
+    min_side: int = 0  # fixed-size built-ins smaller than this are resized up to it (the run's large crops)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def split(self, split: str, limit: int = 0):
@@ -83,26 +84,29 @@ class EvalData:
         if self.size:
             return int(self.size)
         if dataset.in_memory:  # in-memory built-in of one image size
-            return int(dataset.images.shape[-1])
+            return max(int(dataset.images.shape[-1]), int(self.min_side))
         return int(self.file_size)
 
     def transform(self, dataset) -> EvalTransform:
-        """Resize + centre crop for image files; the native size for fixed-size built-ins."""
-        fixed = dataset.in_memory
-        return EvalTransform(self.crop_size(dataset), self.mean, self.std, resize=not fixed)
+        """Resize + centre crop for image files; the native size for fixed-size built-ins, unless the
+        run's large crops were larger (a network that needs 32 px or more, trained on upscaled crops of
+        28-px images): then they are resized like image files."""
+        size = self.crop_size(dataset)
+        fixed = dataset.in_memory and size <= int(dataset.images.shape[-1])
+        return EvalTransform(size, self.mean, self.std, resize=not fixed)
 
     @classmethod
     def from_config(cls, cfg, *, source: str | None = None, root: str | None = None, size: int | None = None,
                     workers: int | None = None, download: bool | None = None, batch_size: int = 256) -> "EvalData":
         """The evaluation data of a run's config: its source (or ``source``), image settings, the
         normalisation it trained with; image files at the large crops' size, fixed-size built-ins
-        whole (``size`` overrides both)."""
+        whole, at their size or the large crops' if larger (``size`` overrides both)."""
         a, d = cfg.augment, cfg.data
         return cls(source=source or d.source, root=root if root is not None else d.root, in_chans=cfg.model.in_chans,
                    size=size, file_size=a.size_crops[0], mean=_fit_channels(a.mean, cfg.model.in_chans),
                    std=_fit_channels(a.std, cfg.model.in_chans), workers=d.workers if workers is None else workers,
                    download=d.download if download is None else download, min_size=d.min_size,
-                   max_side=d.max_side, batch_size=batch_size)
+                   max_side=d.max_side, batch_size=batch_size, min_side=a.size_crops[0])
 
     def batches(self, dataset, indices: np.ndarray, batch_size: int | None = None):
         """The non-empty batches of ``dataset[indices]``, in the order given."""

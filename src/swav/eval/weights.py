@@ -228,7 +228,8 @@ def load_weights(path: str | os.PathLike, *, backbone: torch.nn.Module | None = 
     """Load a run checkpoint, an official SwAV file or a torchvision-layout ResNet state dict.
 
     ``backbone``: for a run that trained a module given in Python (``model.arch = module/...``),
-    the module again (any object of the same architecture: its weights are replaced).
+    the module again: its architecture gets the run's weights, and as it is it serves as the
+    network at initialisation (``fresh()``, ``--compare-init``): give the object the run started from.
 
     Raises :class:`swav.checkpoint.CheckpointError` for unreadable files or files holding pickled
     objects, :class:`WeightsError` for a file of none of the three kinds (naming what was found),
@@ -345,7 +346,7 @@ def export_onnx(loaded: LoadedWeights, path: str | os.PathLike, size: int | None
     try:
         torch.onnx.export(net, (x,), str(tmp), input_names=["images"], output_names=["features"], dynamo=True,
                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 16)},),
-                          external_data=False, verify=False, report=False)
+                          external_data=False, verify=False, report=False, verbose=False)
         graph = onnx.load(str(tmp))
         meta = {**export_metadata(loaded), "input_size": str(size)}
         for key, value in meta.items():

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 __all__ = ["Family", "MissingExtraError", "StateDictMismatchError", "check_state_dict", "is_norm",
-           "decay_groups", "RESNET_SETTINGS", "ModuleFamily", "probe_min_size"]
+           "decay_groups", "RESNET_SETTINGS", "ModuleFamily", "probe_min_size", "adapt_input_weight",
+           "adapt_input_channels"]
 
 #: the ``model.*`` settings only our ResNets read (with their schema defaults, which any family accepts)
 RESNET_SETTINGS: dict[str, Any] = {"width_per_group": 64, "widen": 1, "small_stem": False, "pool_size": 1,
@@ -99,6 +100,34 @@ def decay_groups(model: nn.Module, no_weight_decay: set[str] = frozenset()) -> t
         if p.requires_grad:
             (no_decay if kind.get(id(p), False) else decay).append(p)
     return decay, no_decay
+
+
+# --------------------------------------------------------------------------------------------
+# input channels: RGB filters for grey (or other) input
+# --------------------------------------------------------------------------------------------
+def adapt_input_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first convolution's RGB filters (O, 3, kh, kw) for ``in_chans`` input channels: summed for
+    1 (on a grey image the network computes what the RGB one computes on that image repeated in the
+    three channels), else repeated and scaled by 3 / in_chans (timm's ``adapt_input_conv`` rule)."""
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // weight.shape[1])
+    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (weight.shape[1] / in_chans)
+
+
+def adapt_input_channels(expected: Mapping[str, torch.Tensor], given: dict[str, torch.Tensor]) -> list[str]:
+    """In ``given`` (a file's tensors), adapt the one convolution whose filters have 3 input channels
+    where ``expected`` (the network's) has another count: an RGB file for a grey network. Returns a
+    note naming it, or nothing."""
+    odd = [k for k, v in given.items() if k in expected and v.ndim == 4 and v.shape[1] == 3
+           and tuple(expected[k].shape) != tuple(v.shape) and expected[k].shape[0] == v.shape[0]
+           and tuple(expected[k].shape[2:]) == tuple(v.shape[2:])]
+    if len(odd) != 1:
+        return []
+    k = odd[0]
+    c = expected[k].shape[1]
+    given[k] = adapt_input_weight(given[k], c)
+    return [f"{k}: its 3 input channels made {c} ({'RGB filters summed' if c == 1 else 'repeated, scaled 3/' + str(c)})"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,14 +258,17 @@ class Family:
         return []
 
     def load_export_state_dict(self, backbone: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                               what: str) -> list[str]:
+                               what: str) -> tuple[list[str], list[str]]:
         """Load a file in the library's layout strictly (every backbone key, with its shape, and no
-        other key but the classifier's). Returns the keys not used (the classifier's)."""
+        other key but the classifier's; an RGB first convolution is adapted to the network's input
+        channels, :func:`adapt_input_channels`). Returns ``(the keys not used: the classifier's,
+        notes on what was adapted)``."""
         unused = self.classifier_keys(backbone, state_dict)
         body = self.internal_keys(backbone, {k: v for k, v in state_dict.items() if k not in set(unused)})
+        adapted = adapt_input_channels(backbone.state_dict(), body)
         check_state_dict(backbone.state_dict(), body, what, rename=self.export_name)
         backbone.load_state_dict(body, strict=True)
-        return sorted(unused)
+        return sorted(unused), [self.export_name(a) for a in adapted]
 
     def no_weight_decay(self, backbone: nn.Module) -> set[str]:
         """Parameter names (in ``backbone``) the library keeps out of weight decay besides norms and

@@ -8,11 +8,10 @@ A network is held as :class:`LibraryBackbone` ``.net``, so a run's checkpoint na
 from __future__ import annotations
 
 import difflib
-import math
 import torch
 from torch import nn
 
-from swav.models.families import Family
+from swav.models.families import Family, adapt_input_weight
 
 __all__ = ["LibraryBackbone", "TimmFamily", "TorchvisionFamily"]
 
@@ -164,11 +163,7 @@ def adapt_first_conv(net: nn.Module, in_chans: int) -> str:
     new = torch.nn.utils.skip_init(nn.Conv2d, in_chans, conv.out_channels, conv.kernel_size, conv.stride,
                                    conv.padding, conv.dilation, 1, conv.bias is not None, conv.padding_mode)
     with torch.no_grad():
-        w = conv.weight
-        if in_chans == 1:
-            new.weight.copy_(w.sum(dim=1, keepdim=True))
-        else:
-            new.weight.copy_(w.repeat(1, math.ceil(in_chans / 3), 1, 1)[:, :in_chans] * (3 / in_chans))
+        new.weight.copy_(adapt_input_weight(conv.weight, in_chans))
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
     parent, leaf = _parent(net, name)

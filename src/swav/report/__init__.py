@@ -22,6 +22,8 @@ training images. Images are PNGs inside the file (base64); the page needs no net
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import math
 import os
@@ -148,13 +150,7 @@ def _run_rows(facts: RunFacts, cfg) -> tuple[list[tuple[str, str]], str]:
         rows.append(("data", data))
     if cfg is not None:
         k = _first_k(cfg.model.nmb_prototypes)
-        model = f"{cfg.model.arch} (width {cfg.model.width_per_group}"
-        if cfg.model.pool_size > 1:
-            model += f", features pooled to a {cfg.model.pool_size}x{cfg.model.pool_size} grid"
-        if cfg.model.zero_init_residual:
-            model += ", residual branches zero at init"
-        model += f", {_millions(rec.parameters)})" if rec is not None and rec.parameters else ")"
-        model += f", {cfg.model.nmb_prototypes} prototypes of dimension {cfg.model.feat_dim}"
+        model = _model_text(cfg, rec)
         rows.append(("model", model))
         crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.augment.nmb_crops, cfg.augment.size_crops))
         rows.append(("recipe", f"preset {cfg.preset or '(none)'}; crops {crops}; {cfg.optim.optimizer} lr "
@@ -174,6 +170,24 @@ def _run_rows(facts: RunFacts, cfg) -> tuple[list[tuple[str, str]], str]:
             rows.append(("health", f"{int(last.get('skipped_files', 0))} unusable file(s) skipped, "
                                    f"{int(last.get('nonfinite_steps', 0))} non-finite step(s) skipped"))
     return rows, status
+
+
+def _model_text(cfg, rec) -> str:
+    """The model row: the network in its family's words (swav.models), its size, the prototypes."""
+    import dataclasses
+
+    from swav.models import family_of
+
+    try:
+        parts = family_of(cfg.model.arch).describe(cfg.model.arch, dataclasses.asdict(cfg.model))
+    except ValueError:  # an arch this swav does not know (a newer or older version's run)
+        parts = []
+    if cfg.model.init_from:
+        parts.append(f"started from {cfg.model.init_from}")
+    if rec is not None and rec.parameters:
+        parts.append(_millions(rec.parameters))
+    text = cfg.model.arch + (f" ({', '.join(parts)})" if parts else "")
+    return text + f", {cfg.model.nmb_prototypes} prototypes of dimension {cfg.model.feat_dim}"
 
 
 def _distinct(warnings: list[str]) -> list[str]:
@@ -377,6 +391,7 @@ def build_page(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = N
     """Gather everything the report shows into a :class:`~swav.report.html.Page` (see ``write_report``)."""
     from swav.config import ConfigError, from_dict
     from swav.extras import require_extra
+    from swav.models.families import MissingModuleError
     from swav.report import plots
 
     require_extra("report", "swav report")  # matplotlib, scikit-learn, threadpoolctl: before any work
@@ -416,6 +431,10 @@ def build_page(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = N
         _learned_sections(page, facts, cfg, data=None if data is None else os.fspath(data), max_images=max_images,
                           map_points=map_points, gallery_rows=gallery_rows, per_row=per_row, seed=seed,
                           device=device)
+    except MissingModuleError as e:  # a run of a module given in Python: write_report(run, backbone=module)
+        page.gallery_notes.append(f"No prototype gallery: {e}; in Python: swav.report.write_report(RUN, "
+                                  "backbone=module).")
+        page.map_notes.append("No embedding map: the run's network is a module given in Python (see above).")
     except Exception as e:  # the rest of the report is still worth writing
         log.exception("report: the prototype gallery / embedding map failed")
         page.gallery_notes.append(f"The gallery and map could not be made: {type(e).__name__}: {e}")
@@ -433,7 +452,7 @@ def build_page(run_dir: str | os.PathLike, *, data: str | os.PathLike | None = N
 
 def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
                  data: str | os.PathLike | None = None, max_images: int = 5000, map_points: int = 2000,
-                 seed: int = 0, device: str = "auto") -> Path:
+                 seed: int = 0, device: str = "auto", backbone=None) -> Path:
     """Write the HTML report of the run in ``run_dir``; return its path (default ``run_dir/report.html``).
 
     Args:
@@ -444,6 +463,8 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
         map_points: test images placed on the t-SNE map (t-SNE takes ~10 s per 2000 on a CPU core).
         seed: seed of the samples and of t-SNE: the same run gives the same page.
         device: ``auto`` (a GPU when visible), ``cpu``, ``cuda`` or ``cuda:N``, for embedding images.
+        backbone: for a run of a module given in Python (``model.arch = module/...``), the module
+            again, so the gallery and the map can rebuild the network.
 
     Raises FileNotFoundError when ``run_dir`` is not a run folder and
     :class:`swav.extras.MissingExtraError` when the ``report`` extra (matplotlib, scikit-learn,
@@ -453,7 +474,15 @@ def write_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     if max_images < 1 or map_points < 1:
         raise ValueError(f"max_images ({max_images}) and map_points ({map_points}) must be >= 1")
     t = time.perf_counter()
-    page = build_page(run_dir, data=data, max_images=max_images, map_points=map_points, seed=seed, device=device)
+    given = contextlib.nullcontext()
+    if backbone is not None:
+        from swav.config import read_yaml
+        from swav.models import MODULES
+
+        given = MODULES.given(read_yaml(Path(run_dir) / "config.yaml")["model"]["arch"], backbone)
+    with given:
+        page = build_page(run_dir, data=data, max_images=max_images, map_points=map_points, seed=seed,
+                          device=device)
     text = render(page)
     path = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)

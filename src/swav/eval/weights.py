@@ -42,7 +42,7 @@ from swav.checkpoint import (StateDictMismatchError, check_state_dict, fill_num_
                              load_run_state, model_from_official_state_dict, model_to_official_keys,
                              read_weights_file, save_atomic, strip_prefixes)
 from swav.models import MODULES, MissingExtraError, ResNet, SwAVModel, family_of, resnet_kwargs_from_state_dict
-from swav.models.resnet import resnet_name
+from swav.models.resnet import ResNetFamily, resnet_name
 
 __all__ = ["WeightsError", "LoadedWeights", "load_weights", "read_weights_file", "detect_kind",
            "backbone_state_dict", "export_weights", "export_onnx", "EXPORT_FORMATS"]
@@ -85,8 +85,8 @@ class LoadedWeights:
 
     @property
     def family(self):
-        """The registry's adapter of this backbone (released files are our ResNets)."""
-        return family_of(self.config.model.arch) if self.config is not None else family_of("resnet50")
+        """The registry's adapter of this backbone (released files are our ResNets, read off their keys)."""
+        return family_of(self.config.model.arch) if self.config is not None else ResNetFamily()
 
     @property
     def in_chans(self) -> int:

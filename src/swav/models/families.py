@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import re
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -76,11 +77,14 @@ _NORM_TYPES = tuple(t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn
                                 getattr(nn, "RMSNorm", None), nn.LocalResponseNorm) if t is not None)
 
 
+_NORM_NAME = re.compile(r"Norm(Act)?\d?d?$")  # RmsNorm, SimpleNorm2d, GroupNorm1, BatchNormAct2d; not NormMlpHead
+
+
 def is_norm(module: nn.Module) -> bool:
     """A normalisation layer: one of torch's (BatchNorm, InstanceNorm, LayerNorm, GroupNorm, RMSNorm
-    and their subclasses, such as timm's BatchNormAct2d or LayerNorm2d), or a class that names itself
-    one (timm's own RmsNorm, SimpleNorm, FrozenBatchNorm2d, ...)."""
-    return isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__
+    and their subclasses, such as timm's BatchNormAct2d or LayerNorm2d), or a class named as one
+    (timm's own RmsNorm, SimpleNorm2d, FrozenBatchNorm2d, ...: a name ending in Norm, Norm2d, NormAct2d)."""
+    return isinstance(module, _NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
 
 
 def decay_groups(model: nn.Module, no_weight_decay: set[str] = frozenset()) -> tuple[list, list]:

@@ -22,7 +22,7 @@ from torch import nn
 from swav.models.families import Family
 
 __all__ = ["ResNetFamily", "ResNet", "BasicBlock", "Bottleneck", "GridPool", "resnet_kwargs_from_state_dict", "resnet_name",
-           "RESNET_SPECS"]
+           "resnet_arch", "RESNET_SPECS"]
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -301,17 +301,22 @@ class ResNetFamily(Family):
         return {}  # every stride-2 convolution and the max-pool are padded: any size >= 1 works
 
 
+def resnet_arch(kw: Mapping) -> str | None:
+    """The RESNET_SPECS name (the one list) of a ResNet described by
+    :func:`resnet_kwargs_from_state_dict`'s dict: the wide name when its widening is one, else the
+    depth's (``resnet50``); None for a depth we have no name for."""
+    block, layers, widen = kw["block"].__name__, list(kw["layers"]), kw.get("widen", 1)
+    named = {(b.__name__, tuple(ls), w): n for n, (b, ls, w) in RESNET_SPECS.items()}
+    return named.get((block, tuple(layers), widen)) or named.get((block, tuple(layers), 1))
+
+
 def resnet_name(kw: Mapping) -> str:
-    """The name of a ResNet described by :func:`resnet_kwargs_from_state_dict`'s dict, from
-    RESNET_SPECS (the one list), with what differs from its standard form: ``resnet10 (width 16,
-    1 channel(s), small stem, 4x4 pooled)``."""
-    block, layers = kw["block"].__name__, list(kw["layers"])
+    """The name of a ResNet described by :func:`resnet_kwargs_from_state_dict`'s dict, with what
+    differs from its standard form: ``resnet10 (width 16, 1 channel(s), small stem, 4x4 pooled)``."""
+    arch = resnet_arch(kw)
     widen = kw.get("widen", 1)
-    base = next((n for n, (b, ls, w) in RESNET_SPECS.items() if b.__name__ == block and ls == layers and w == 1),
-                f"ResNet{layers}")
-    wide = next((n for n, (b, ls, w) in RESNET_SPECS.items() if b.__name__ == block and ls == layers and w == widen
-                 and w != 1), None)
-    extra = [] if wide else ([f"w{widen}"] if widen != 1 else [])
+    wide = arch is not None and RESNET_SPECS[arch][2] == widen != 1
+    extra = [] if wide or widen == 1 else [f"w{widen}"]
     if kw.get("width_per_group", 64) != 64:
         extra.append(f"width {kw['width_per_group']}")
     if kw.get("in_chans", 3) != 3:
@@ -320,4 +325,4 @@ def resnet_name(kw: Mapping) -> str:
         extra.append("small stem")
     if kw.get("pool_size", 1) > 1:
         extra.append(f"{kw['pool_size']}x{kw['pool_size']} pooled")
-    return (wide or base) + (f" ({', '.join(extra)})" if extra else "")
+    return (arch or f"ResNet{list(kw['layers'])}") + (f" ({', '.join(extra)})" if extra else "")

@@ -98,7 +98,7 @@ CASES = [
      "none of the 2 file(s) could be used", None),
     # -- export
     ("export-not-weights", ["export"], "{other} --format torchvision", 2, "torchvision-layout ResNet", None),
-    ("export-bad-format", ["export"], "{other} --format onnx", 2, "invalid choice", None),
+    ("export-bad-format", ["export"], "{other} --format keras", 2, "invalid choice", None),
     ("export", ["export"], "{run} --format safetensors --out {tmp}/w.safetensors", 0, "torchvision ResNet key names",
      None),
     ("export-write-fails", ["export"], "{run} --format official --out {tmp}/big.pt", 1, "File too large",

@@ -25,6 +25,11 @@ OPTIONAL_MODULES: dict[str, tuple[str, str]] = {
     "sklearn": ("scikit-learn", "report"),
     "threadpoolctl": ("threadpoolctl", "report"),
     "tensorboard": ("tensorboard", "tensorboard"),
+    "timm": ("timm", "timm"),  # backbones named timm/<name> (swav.models.library)
+    "torchvision": ("torchvision", "torchvision"),  # backbones named torchvision/<name>
+    "onnx": ("onnx", "onnx"),  # swav export --format onnx
+    "onnxscript": ("onnxscript", "onnx"),
+    "onnxruntime": ("onnxruntime", "onnx"),  # to run the exported graphs (the tests check with it)
 }
 
 

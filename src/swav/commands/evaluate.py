@@ -229,7 +229,7 @@ def _cmd_export(args) -> int:
 
     loaded = load_weights(args.checkpoint)
     path = export_weights(loaded, args.format, args.out, size=args.size)
-    what = _EXPORT_WHAT.get(args.format, f"backbone, {loaded.family.name} key names, no classifier")
+    what = _EXPORT_WHAT.get(args.format, f"backbone, {loaded.family.layout} key names, no classifier")
     removed = getattr(loaded.backbone, "classifier", "")
     hint = f"; in {loaded.family.name}'s own model replace {removed} by torch.nn.Identity() first" if removed \
         and args.format != "onnx" else ""

@@ -41,7 +41,8 @@ from swav.atomic import write_bytes_atomic
 from swav.checkpoint import (StateDictMismatchError, check_state_dict, fill_num_batches_tracked,
                              load_run_state, model_from_official_state_dict, model_to_official_keys,
                              read_weights_file, save_atomic, strip_prefixes)
-from swav.models import MODULES, MissingExtraError, ResNet, SwAVModel, family_of, resnet_kwargs_from_state_dict
+from swav.extras import MissingExtraError
+from swav.models import MODULES, ResNet, SwAVModel, family_of, resnet_kwargs_from_state_dict
 from swav.models.resnet import ResNetFamily, resnet_name
 
 __all__ = ["WeightsError", "LoadedWeights", "load_weights", "read_weights_file", "detect_kind",
@@ -317,7 +318,7 @@ def export_weights(loaded: LoadedWeights, fmt: str, out: str | os.PathLike | Non
     elif fmt == "safetensors":
         from safetensors.torch import save
 
-        meta = {"format": "pt", "layout": family.name, **export_metadata(loaded)}
+        meta = {"format": "pt", "layout": family.layout, **export_metadata(loaded)}
         write_bytes_atomic(path, save(backbone_state_dict(loaded), metadata=meta))
     else:
         save_atomic(backbone_state_dict(loaded), path)
@@ -329,12 +330,11 @@ def export_onnx(loaded: LoadedWeights, path: str | os.PathLike, size: int | None
     already normalised as in training; output ``features`` (N, num_features); N is dynamic. Written
     through torch.onnx (dynamo) with onnxscript; the export metadata (arch, mean, std, ...) goes into
     the model's metadata_props. Needs ``pip install 'swav[onnx]'``."""
-    import importlib.util
+    from swav.extras import is_installed
 
-    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("onnx", "onnxscript") if not is_installed(m)]
     if missing:
-        raise MissingExtraError(f"--format onnx needs {' and '.join(missing)}, which is not installed: "
-                                "pip install 'swav[onnx]'")
+        raise MissingExtraError("--format onnx", missing)
     import onnx
 
     if size is None:

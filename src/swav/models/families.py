@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import re
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from swav.extras import MissingExtraError, is_installed
 
 __all__ = ["Family", "MissingExtraError", "StateDictMismatchError", "check_state_dict", "is_norm",
            "decay_groups", "RESNET_SETTINGS", "ModuleFamily", "probe_min_size", "adapt_input_weight",
@@ -35,11 +36,6 @@ __all__ = ["Family", "MissingExtraError", "StateDictMismatchError", "check_state
 #: the ``model.*`` settings only our ResNets read (with their schema defaults, which any family accepts)
 RESNET_SETTINGS: dict[str, Any] = {"width_per_group": 64, "widen": 1, "small_stem": False, "pool_size": 1,
                                    "zero_init_residual": False}
-
-
-class MissingExtraError(ValueError):
-    """An optional library a backbone needs is not installed; the message is one line with the
-    ``pip install`` to run (a usage error: exit 2)."""
 
 
 class StateDictMismatchError(ValueError):
@@ -179,7 +175,8 @@ class Family:
     """The adapter of one family of backbones (see the module docstring). Subclasses set the class
     attributes and override what differs."""
 
-    name: str = ""  # a label for messages and the report ("ResNet (swav)", "timm", ...)
+    name: str = ""  # a label for messages and the report ("swav ResNet", "timm", ...)
+    layout: str = ""  # whose key names its exports use ("torchvision ResNet", "timm", ...)
     prefix: str = ""  # "timm/", "torchvision/", "module/"; "" for our ResNets
     extra: str | None = None  # the pip extra with the library (None: the core has it)
     module: str | None = None  # the library's import name
@@ -201,17 +198,23 @@ class Family:
     def library_name(self, arch: str) -> str:
         return arch[len(self.prefix):]
 
+    def _missing_library(self, arch: str) -> MissingExtraError | None:
+        if self.module is None or is_installed(self.module):
+            return None
+        return MissingExtraError(f"model.arch = {arch!r}" if arch else f"a backbone named {self.prefix}<name>",
+                                 [self.module])
+
     def missing_extra(self, arch: str = "") -> str | None:
         """One line with the install to run when the family's library is absent, else None."""
-        if self.module is None or importlib.util.find_spec(self.module) is not None:
-            return None
-        what = f"model.arch = {arch!r} needs" if arch else f"backbones named {self.prefix}<name> need"
-        return f"{what} {self.module}, which is not installed: pip install 'swav[{self.extra}]'"
+        err = self._missing_library(arch)
+        return None if err is None else str(err)
 
     def require(self, arch: str = "") -> None:
-        line = self.missing_extra(arch)
-        if line:
-            raise MissingExtraError(line)
+        """:class:`swav.extras.MissingExtraError` (exit 2, one line with the pip install) when the
+        family's library is not installed."""
+        err = self._missing_library(arch)
+        if err is not None:
+            raise err
 
     def name_problem(self, arch: str) -> str | None:
         """Why ``arch`` is not a network of this family (e.g. a name timm does not know), or None."""
@@ -296,6 +299,7 @@ class ModuleFamily(Family):
     again (their Python API takes ``backbone=``), and the command line refuses with a message."""
 
     name = "your module"
+    layout = "your module's"
     prefix = "module/"
     reads = ("in_chans",)
     rebuildable = False

@@ -80,7 +80,7 @@ class TimmFamily(_LibraryFamily):
     embeddings are interpolated to each crop's grid). The features are timm's pooled pre-logits
     (``head_hidden_size`` wide, else ``num_features``), pooled as timm's ``global_pool`` says."""
 
-    name = "timm"
+    name = layout = "timm"
     prefix = "timm/"
     extra = "timm"
     module = "timm"
@@ -178,7 +178,7 @@ class TorchvisionFamily(_LibraryFamily):
     classifier. An export loads strictly into ``torchvision.models.get_model(name)`` once the layer
     it names (``fc``, ``classifier.1``, ``heads.head``, ...) is replaced by ``torch.nn.Identity()``."""
 
-    name = "torchvision"
+    name = layout = "torchvision"
     prefix = "torchvision/"
     extra = "torchvision"
     module = "torchvision"

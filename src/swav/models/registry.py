@@ -22,6 +22,7 @@ class RegisteredFamily(Family):
     """Names added in Python with :func:`register_backbone`: ``factory(in_chans=..., **model.kwargs)``."""
 
     name = "registered"
+    layout = "the factory's"
 
     def __init__(self):
         self.factories: dict[str, Callable[..., nn.Module]] = {}

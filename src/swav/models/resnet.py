@@ -256,6 +256,7 @@ class ResNetFamily(Family):
     ``zero_init_residual``). They take any input size (every stride-2 layer is padded)."""
 
     name = "swav ResNet"
+    layout = "torchvision ResNet"
     reads = ("in_chans", "width_per_group", "widen", "small_stem", "pool_size", "zero_init_residual")
     export_formats = ("torchvision", "safetensors", "official", "onnx")
     example = ("resnet18", {"width_per_group": 8, "small_stem": True, "pool_size": 2})

@@ -182,7 +182,6 @@ class Family:
     module: str | None = None  # the library's import name
     reads: tuple[str, ...] = ("in_chans", "kwargs")  # the model.* settings it reads
     export_formats: tuple[str, ...] = ("safetensors", "onnx")  # what `swav export --format` can write
-    rebuildable: bool = True  # a run's config is enough to rebuild its network
     #: a tiny network of the family (``model.arch``, ``model.*`` settings) for tests and examples;
     #: None for the families that build what they are given (registered factories, your module)
     example: tuple[str, dict[str, Any]] | None = None
@@ -302,7 +301,6 @@ class ModuleFamily(Family):
     layout = "your module's"
     prefix = "module/"
     reads = ("in_chans",)
-    rebuildable = False
 
     def __init__(self):
         self._given: dict[str, nn.Module] = {}

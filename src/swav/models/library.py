@@ -8,6 +8,7 @@ A network is held as :class:`LibraryBackbone` ``.net``, so a run's checkpoint na
 from __future__ import annotations
 
 import difflib
+
 import torch
 from torch import nn
 

@@ -164,8 +164,10 @@ def check(path: str, rng: random.Random) -> tuple[str, str | None]:
     min_size = rng.choice([0, 0, 2, 16])
     max_side = rng.choice([0, 0, 8, 100])
     max_pixels = rng.choice([2**26, 2**26, 10_000])
+    mean_side = rng.choice([0, 0, 6, 60])
+    opts = dict(in_chans=in_chans, min_size=min_size, max_side=max_side, mean_side=mean_side, max_pixels=max_pixels)
     try:
-        img = decode_image(path, in_chans, min_size, max_side, max_pixels)
+        img = decode_image(path, **opts)
     except BadImageError as e:
         outcome, img = "skip: " + _reason_class(str(e)), None
     except _Timeout:
@@ -178,11 +180,11 @@ def check(path: str, rng: random.Random) -> tuple[str, str | None]:
         if img.dtype.is_floating_point or str(img.dtype) != "torch.uint8":
             return "BAD OUTPUT", f"dtype {img.dtype}"
         if c != in_chans or h < 1 or w < 1 or (max_side and max(h, w) > max_side) or \
-                (min_size and min(h, w) < min_size and not max_side):
-            return "BAD OUTPUT", f"shape {tuple(img.shape)} for in_chans={in_chans} min_size={min_size} max_side={max_side}"
+                (mean_side and h * w > 1.02 * (mean_side + 1) ** 2 and min(h, w) > 1) or \
+                (min_size and min(h, w) < min_size and not (max_side or mean_side)):
+            return "BAD OUTPUT", f"shape {tuple(img.shape)} for {opts}"
     try:
-        item = ImageFilesDataset([path], in_chans=in_chans, min_size=min_size, max_side=max_side,
-                                 max_pixels=max_pixels)[0]
+        item = ImageFilesDataset([path], **opts)[0]
     except _Timeout:
         raise
     except BaseException as e:  # noqa: BLE001

@@ -40,9 +40,19 @@ Decoding rules (:func:`decode_image`):
   ``convert``; the result is RGB for ``in_chans=3`` and L (ITU-R 601-2 luma)
   for ``in_chans=1``;
 * ``min_size``: an image with a side shorter than this (after EXIF rotation)
-  is skipped; ``max_side``: an image whose longer side exceeds it is
-  downscaled (antialiased, aspect ratio kept, JPEG draft mode used to speed up
-  huge JPEGs).
+  is skipped;
+* the decode size (:func:`target_size`): ``mean_side`` D shrinks an image whose
+  geometric-mean side ``sqrt(h w)`` exceeds D to that side (area D^2), and
+  ``max_side`` an image whose longer side exceeds it to that side; aspect ratio
+  kept, antialiased (Pillow's bilinear filter, the interpolation of
+  torchvision's RandomResizedCrop), JPEGs first decoded at the largest DCT
+  reduction (1/2, 1/4, 1/8) that still holds the target (``Image.draft``: the
+  pixels a full decode would throw away are never computed).
+  :func:`crop_decode_side` gives the D that multi-crop needs and
+  :func:`decode_sizes` turns a ``data.max_side`` setting into both numbers.
+
+Images come back as ``(C, H, W)`` views of the decoder's ``(H, W, C)`` memory:
+the transposition happens once, when a batch is collated.
 """
 
 from __future__ import annotations
@@ -74,7 +84,10 @@ __all__ = [
     "Skipped",
     "TensorImageDataset",
     "build_dataset",
+    "crop_decode_side",
     "decode_image",
+    "decode_sizes",
+    "target_size",
     "to_channels",
 ]
 
@@ -156,20 +169,66 @@ def _convert(im: Image.Image, in_chans: int) -> np.ndarray:
     return np.array(im, dtype=np.uint8)[..., None]
 
 
-def decode_image(
-    path: str,
-    in_chans: int = 3,
-    min_size: int = 0,
-    max_side: int = 0,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> torch.Tensor:
-    """Decode one image file to a uint8 tensor ``(in_chans, H, W)``.
+#: An image whose area is within this factor of the decode area keeps its size (a prepared folder
+#: is not resized again for the rounding of its sides).
+_AREA_SLACK = 1.02
+#: The aspect ratio range of multi-crop's boxes (torchvision's RandomResizedCrop): a box of ratio r
+#: has its shorter side sqrt(area * min(r, 1/r)) >= sqrt(area * 3/4).
+_MIN_BOX_RATIO = 3.0 / 4.0
 
-    Raises :class:`BadImageError` (message = reason) for any unusable file.
-    See the module docstring for the conversion rules.
-    """
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+
+def crop_decode_side(size_crops: Sequence[int], min_scale_crops: Sequence[float],
+                     nmb_crops: Sequence[int] | None = None) -> int:
+    """The geometric-mean side D at which multi-crop loses nothing: ``ceil(max_g S_g / sqrt(3/4 *
+    smin_g))`` over the crop groups g (side S_g, smallest area fraction smin_g), at most 4 x the
+    largest crop side.
+
+    Why: crop group g draws a box of area ``s * h * w`` (s >= smin_g) and aspect r in [3/4, 4/3] and
+    resamples it to S_g x S_g. Its shorter side is at least ``sqrt(smin_g * h * w * 3/4)``; in an
+    image of area D^2 that is >= S_g, so every box still holds at least S_g pixels on each side:
+    the crop is a downscale of the decoded image, whose detail (up to its Nyquist limit) is all the
+    crop's output can represent, as it would be from the full-size image. Only a box that the
+    full-size image would also have upsampled (too small a photo) sees a difference: none, the
+    photo is then not shrunk. The bound 4 x the largest crop (reached only below min scale 0.047
+    for one crop size) keeps a run's memory and decode time in proportion to its crops."""
+    groups = [(int(sz), float(sm)) for k, (sz, sm) in enumerate(zip(size_crops, min_scale_crops))
+              if nmb_crops is None or int(nmb_crops[k]) > 0]
+    if not groups:
+        raise ValueError("crop_decode_side: no crop group")
+    need = max(sz / math.sqrt(_MIN_BOX_RATIO * sm) for sz, sm in groups)
+    return int(min(math.ceil(need - 1e-9), 4 * max(sz for sz, _ in groups)))
+
+
+def decode_sizes(max_side: int | str, size_crops: Sequence[int], min_scale_crops: Sequence[float],
+                 nmb_crops: Sequence[int] | None = None) -> tuple[int, int]:
+    """``(max_side, mean_side)`` of :func:`decode_image` for a ``data.max_side`` setting: ``"auto"``
+    -> ``(2 D, D)`` with D = :func:`crop_decode_side` (the longer side bounded at 2 D: lossless up
+    to an aspect ratio of 4:1, and a batch's padded canvas is at most 2D x 2D whatever the photos);
+    an integer N -> ``(N, 0)`` (longer side at most N; 0 = full size)."""
+    if max_side == "auto":
+        d = crop_decode_side(size_crops, min_scale_crops, nmb_crops)
+        return 2 * d, d
+    if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 0:
+        raise ValueError(f"max_side must be 'auto' or an integer >= 0, got {max_side!r}")
+    return int(max_side), 0
+
+
+def target_size(w: int, h: int, max_side: int = 0, mean_side: int = 0) -> tuple[int, int]:
+    """The decoded ``(w, h)`` of a ``w x h`` image: scaled by ``min(1, mean_side / sqrt(w h),
+    max_side / max(w, h))`` (a rule that is 0 is off; an area within 2 % of ``mean_side^2`` is left
+    alone), sides rounded, at least 1. Never larger than the image."""
+    s = 1.0
+    if mean_side > 0 and w * h > _AREA_SLACK * mean_side * mean_side:
+        s = mean_side / math.sqrt(w * h)
+    if max_side > 0 and max(w, h) > max_side:
+        s = min(s, max_side / max(w, h))
+    if s >= 1.0:
+        return w, h
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def _open_checked(path: str):
+    """The file of ``path`` opened for reading, after the checks that need no decoding."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -183,40 +242,74 @@ def decode_image(
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone switched it on globally
         raise BadImageError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled; refusing to decode (truncation undetectable)")
     try:
-        f = open(path, "rb")
+        return open(path, "rb")
     except PermissionError:
         raise BadImageError("permission denied") from None
     except OSError as e:
         raise BadImageError(f"cannot open: {e.strerror or e}") from None
+
+
+def _decode_pixels(f, in_chans: int, min_size: int, max_side: int, mean_side: int,
+                   max_pixels: int) -> np.ndarray:
+    """Decode an open file to a uint8 ``(H, W, C)`` array at its decode size (BadImageError)."""
+    with warnings.catch_warnings():
+        # Pillow's notes on damaged metadata ("Corrupt EXIF data", "Truncated File Read" in a
+        # tag, ...) would repeat for such a file at every epoch; the pixels decide, not them
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        if max_pixels > 0:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        else:
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(f)
+        except Image.UnidentifiedImageError:
+            raise BadImageError("not an image (Pillow cannot identify the format)") from None
+        w, h = im.size
+        if max_pixels > 0 and w * h > max_pixels:
+            raise BadImageError(f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+        if min_size > 0 and min(w, h) < min_size:  # min(w, h) does not change with rotation
+            raise BadImageError(f"too small: {w}x{h} < min_size {min_size}")
+        size = target_size(w, h, max_side, mean_side)
+        if im.format == "JPEG" and size != (w, h):
+            im.draft(im.mode, size)  # DCT-domain reduction by 1/2, 1/4 or 1/8, never below `size`
+        im.load()  # full decode: a truncated file raises here
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:  # a broken EXIF block: keep the pixels as stored
+            pass
+        size = target_size(*im.size, max_side, mean_side)
+        if size != im.size and im.mode == ("RGB" if in_chans == 3 else "L") and not _has_alpha(im):
+            im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)  # resize what is decoded
+        arr = _convert(im, in_chans)
+    if (arr.shape[1], arr.shape[0]) != size:
+        pim = Image.fromarray(arr[..., 0] if in_chans == 1 else arr)
+        arr = np.array(pim.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.uint8)
+        if in_chans == 1:
+            arr = arr[..., None]
+    return arr
+
+
+def decode_image(
+    path: str,
+    *,
+    in_chans: int = 3,
+    min_size: int = 0,
+    max_side: int = 0,
+    mean_side: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """Decode one image file to a uint8 tensor ``(in_chans, H, W)`` (a view of ``(H, W, C)``
+    memory) at its decode size (:func:`target_size`).
+
+    Raises :class:`BadImageError` (message = reason) for any unusable file.
+    See the module docstring for the conversion rules.
+    """
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    f = _open_checked(path)
     try:
-        with f, warnings.catch_warnings():
-            # Pillow's notes on damaged metadata ("Corrupt EXIF data", "Truncated File Read" in a
-            # tag, ...) would repeat for such a file at every epoch; the pixels decide, not them
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-            if max_pixels > 0:
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            else:
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                im = Image.open(f)
-            except Image.UnidentifiedImageError:
-                raise BadImageError("not an image (Pillow cannot identify the format)") from None
-            w, h = im.size
-            if max_pixels > 0 and w * h > max_pixels:
-                raise BadImageError(
-                    f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
-                )
-            if min_size > 0 and min(w, h) < min_size:  # min(w, h) does not change with rotation
-                raise BadImageError(f"too small: {w}x{h} < min_size {min_size}")
-            if max_side > 0 and im.format == "JPEG" and max(w, h) > 2 * max_side:
-                s = max_side / max(w, h)
-                im.draft(im.mode, (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
-            im.load()  # full decode: a truncated file raises here
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # a broken EXIF block: keep the pixels as stored
-                pass
-            arr = _convert(im, in_chans)
+        with f:
+            arr = _decode_pixels(f, in_chans, min_size, max_side, mean_side, max_pixels)
     except BadImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -225,15 +318,7 @@ def decode_image(
         raise BadImageError("out of memory while decoding") from None
     except Exception as e:  # truncated, corrupt, unsupported mode, ...
         raise BadImageError(f"cannot decode: {type(e).__name__}: {e}") from None
-    if max_side > 0 and max(arr.shape[0], arr.shape[1]) > max_side:
-        h, w = arr.shape[:2]
-        s = max_side / max(h, w)
-        size = (max(1, round(w * s)), max(1, round(h * s)))
-        pim = Image.fromarray(arr[..., 0] if in_chans == 1 else arr)
-        arr = np.array(pim.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0), dtype=np.uint8)
-        if in_chans == 1:
-            arr = arr[..., None]
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- #
@@ -280,9 +365,11 @@ class ImageFilesDataset:
         paths: Sequence[str | os.PathLike],
         labels: Sequence[int] | torch.Tensor | None = None,
         classes: list[str] | None = None,
+        *,
         in_chans: int = 3,
         min_size: int = 0,
         max_side: int = 0,
+        mean_side: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         name: str = "files",
     ) -> None:
@@ -298,6 +385,7 @@ class ImageFilesDataset:
         self.in_chans = in_chans
         self.min_size = int(min_size)
         self.max_side = int(max_side)
+        self.mean_side = int(mean_side)
         self.max_pixels = int(max_pixels)
         self.name = name
 
@@ -317,6 +405,12 @@ class ImageFilesDataset:
         return self._paths[i]
 
     @property
+    def decode_options(self) -> dict:
+        """The keyword arguments of :func:`decode_image` this data set decodes with."""
+        return {"in_chans": self.in_chans, "min_size": self.min_size, "max_side": self.max_side,
+                "mean_side": self.mean_side, "max_pixels": self.max_pixels}
+
+    @property
     def paths(self) -> list[str]:
         return [self._paths[i] for i in range(len(self))]
 
@@ -326,7 +420,7 @@ class ImageFilesDataset:
             raise IndexError(f"index {i} out of range for {len(self)} images")
         path = self._paths[i]
         try:
-            img = decode_image(path, self.in_chans, self.min_size, self.max_side, self.max_pixels)
+            img = decode_image(path, **self.decode_options)
         except BadImageError as e:
             return Skipped(path, str(e), i)
         label = int(self.labels[i]) if self.labels is not None else -1
@@ -402,11 +496,9 @@ class ImageFolderDataset(ImageFilesDataset):
     def __init__(
         self,
         root: str | os.PathLike,
-        in_chans: int = 3,
-        min_size: int = 0,
-        max_side: int = 0,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        *,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        **decode,
     ) -> None:
         root = os.fspath(root)
         if not os.path.isdir(root):
@@ -442,10 +534,10 @@ class ImageFolderDataset(ImageFilesDataset):
         if classes:
             paths = [p for files in class_files for p in files]
             labels = [k for k, files in enumerate(class_files) for _ in files]
-            super().__init__(paths, labels, classes, in_chans, min_size, max_side, max_pixels, name=root)
+            super().__init__(paths, labels, classes, name=root, **decode)
         elif flat:
             flat.sort()
-            super().__init__(flat, None, None, in_chans, min_size, max_side, max_pixels, name=root)
+            super().__init__(flat, None, None, name=root, **decode)
         else:
             raise EmptyDatasetError(
                 f"no image files ({', '.join(exts)}) in folder {root!r} or its class sub-folders"
@@ -470,14 +562,7 @@ class FileListDataset(ImageFilesDataset):
     * files over 100 MB or containing NUL bytes are refused.
     """
 
-    def __init__(
-        self,
-        list_file: str | os.PathLike,
-        in_chans: int = 3,
-        min_size: int = 0,
-        max_side: int = 0,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> None:
+    def __init__(self, list_file: str | os.PathLike, **decode) -> None:
         list_file = os.fspath(list_file)
         refuse_non_list_file(list_file, IMAGE_EXTENSIONS)  # one image, or an archive: say what to give
         size = os.path.getsize(list_file)
@@ -521,9 +606,7 @@ class FileListDataset(ImageFilesDataset):
         if not paths:
             raise EmptyDatasetError(f"file list {list_file!r} lists no image")
         classes = [str(k) for k in range(max(labels) + 1)] if labels else None
-        super().__init__(
-            paths, labels or None, classes, in_chans, min_size, max_side, max_pixels, name=list_file
-        )
+        super().__init__(paths, labels or None, classes, name=list_file, **decode)
         self.list_file = list_file
 
 
@@ -573,9 +656,7 @@ def build_dataset(
     root: str | os.PathLike | None = None,
     download: bool = True,
     subset: int = 0,
-    min_size: int = 0,
-    max_side: int = 0,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    **decode,
 ):
     """Build a data set from a built-in name, a folder or a file list.
 
@@ -585,7 +666,8 @@ def build_dataset(
     :class:`ImageFolderDataset`; an existing file -> :class:`FileListDataset`.
     ``subset > 0`` keeps the first ``subset`` images.  Splits of folders and
     lists follow :func:`_folder_for_split` / :func:`_list_for_split`.
-    ``min_size``/``max_side``/``max_pixels`` apply to image files only.
+    ``decode``: the keyword arguments of :func:`decode_image` besides ``in_chans``
+    (``min_size``, ``max_side``, ``mean_side``, ``max_pixels``), for image files only.
     """
     if split not in ("train", "test", "unlabeled"):
         raise ValueError(f"split must be 'train', 'test' or 'unlabeled', got {split!r}")
@@ -596,11 +678,11 @@ def build_dataset(
     elif os.path.isdir(src):
         if split == "unlabeled":
             split = "train"
-        ds = ImageFolderDataset(_folder_for_split(src, split), in_chans, min_size, max_side, max_pixels)
+        ds = ImageFolderDataset(_folder_for_split(src, split), in_chans=in_chans, **decode)
     elif os.path.isfile(src):
         if split == "unlabeled":
             split = "train"
-        ds = FileListDataset(_list_for_split(src, split), in_chans, min_size, max_side, max_pixels)
+        ds = FileListDataset(_list_for_split(src, split), in_chans=in_chans, **decode)
     else:
         raise ValueError(
             f"unknown data source {src!r}: not a built-in data set ({', '.join(builtin.BUILTIN_NAMES)}), "

@@ -39,12 +39,24 @@ def _empty_batch(channels: int, skipped: list[Skipped] | None = None) -> Batch:
     )
 
 
+def _canvas(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor; in a data-loader worker in shared memory already (as torch's
+    default collate does), so handing the batch to the main process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(max(1, math.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
+
+
 def pad_collate(items: Sequence, channels: int | None = None) -> Batch:
     """Collate ``(image CxHxW, label, index)`` items and :class:`Skipped`
     records into a :class:`Batch`, zero-padding images to the largest H, W.
 
-    ``channels`` is only used for the shape of a batch whose items were all
-    skipped (default 3).
+    The images come at their decode size (:func:`swav.data.datasets.decode_image`), so the batch
+    is bounded by it, whatever the photos' own sizes. Each image is copied once (its (C, H, W)
+    view of the decoder's (H, W, C) memory is transposed by this copy) and only the padding is
+    zeroed. ``channels`` is only used for the shape of a batch whose items were all skipped
+    (default 3).
     """
     good = [it for it in items if not isinstance(it, Skipped)]
     skipped = [it for it in items if isinstance(it, Skipped)]
@@ -54,13 +66,16 @@ def pad_collate(items: Sequence, channels: int | None = None) -> Batch:
     if len(chans) != 1:
         raise ValueError(f"images with different channel counts in one batch: {sorted(chans)}")
     c = chans.pop()
-    sizes = torch.tensor([[img.shape[1], img.shape[2]] for img, _, _ in good], dtype=torch.int64)
-    hmax, wmax = int(sizes[:, 0].max()), int(sizes[:, 1].max())
-    images = torch.zeros((len(good), c, hmax, wmax), dtype=torch.uint8)
-    for k, (img, _, _) in enumerate(good):
-        images[k, :, : img.shape[1], : img.shape[2]] = img
-    labels = torch.tensor([int(lab) for _, lab, _ in good], dtype=torch.int64)
-    indices = torch.tensor([int(i) for _, _, i in good], dtype=torch.int64)
+    hw = [(int(img.shape[1]), int(img.shape[2])) for img, _, _ in good]
+    hmax, wmax = max(h for h, _ in hw), max(w for _, w in hw)
+    images = _canvas((len(good), c, hmax, wmax))
+    for k, ((img, _, _), (h, w)) in enumerate(zip(good, hw)):
+        images[k, :, :h, :w] = img
+        images[k, :, h:, :] = 0
+        images[k, :, :h, w:] = 0
+    sizes = torch.as_tensor(hw, dtype=torch.int64)
+    labels = torch.as_tensor([int(lab) for _, lab, _ in good], dtype=torch.int64)
+    indices = torch.as_tensor([int(i) for _, _, i in good], dtype=torch.int64)
     return Batch(images=images, sizes=sizes, labels=labels, indices=indices, skipped=skipped)
 
 

@@ -99,7 +99,8 @@ class TensorImageDataset:
         images = self.images.index_select(0, idx).contiguous()
         n = idx.numel()
         h, w = self.images.shape[2], self.images.shape[3]
-        sizes = torch.tensor([h, w], dtype=torch.int64).repeat(n, 1)
+        sizes = torch.empty((n, 2), dtype=torch.int64)
+        sizes[:, 0], sizes[:, 1] = h, w
         if self.labels is not None:
             labels = self.labels.index_select(0, idx)
         else:

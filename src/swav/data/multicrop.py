@@ -42,6 +42,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from swav.data.transfer import to_device
+
 __all__ = ["MultiCrop", "EvalTransform", "slice_params"]
 
 # torchvision's rgb_to_grayscale coefficients (ITU-R 601-2 luma)
@@ -217,11 +219,15 @@ def _as_channel_tensor(v, c: int, name: str) -> torch.Tensor:
     return t.clone()
 
 
-def _full_sizes(images: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
+def _full_sizes(images: torch.Tensor, sizes: torch.Tensor | None, device=None) -> torch.Tensor:
+    """The (N, 2) true sizes on ``device`` (default: the images'); None: every image is (H, W)."""
     n, _, h, w = images.shape
+    device = images.device if device is None else device
     if sizes is None:
-        return torch.tensor([h, w], device=images.device, dtype=torch.int64).expand(n, 2)
-    return sizes.to(device=images.device, dtype=torch.int64)
+        out = torch.empty((n, 2), dtype=torch.int64, device=device)
+        out[:, 0], out[:, 1] = h, w
+        return out
+    return sizes.to(device=device, dtype=torch.int64)
 
 
 def _to_float_source(images: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -282,11 +288,28 @@ class MultiCrop(nn.Module):
         self.jitter_ranges = [(max(0.0, 1 - 0.8 * s), 1 + 0.8 * s)] * 3 + [(-0.2 * s, 0.2 * s)]
         self.ratio = (3.0 / 4.0, 4.0 / 3.0)
         crop_group = [g for g, k in enumerate(self.nmb_crops) for _ in range(k)]
-        self.register_buffer("_crop_smin", torch.tensor([self.min_scale_crops[g] for g in crop_group], dtype=torch.float64), persistent=False)
-        self.register_buffer("_crop_smax", torch.tensor([self.max_scale_crops[g] for g in crop_group], dtype=torch.float64), persistent=False)
-        self.register_buffer("_crop_side", torch.tensor([self.size_crops[g] for g in crop_group], dtype=torch.float64), persistent=False)
+        # constants of the crop geometry and the jitter, made once: on the host (the geometry is
+        # planned there when the draws are host tensors) and as buffers that follow the module
+        self._host_consts = {
+            "_crop_smin": torch.tensor([self.min_scale_crops[g] for g in crop_group], dtype=torch.float64),
+            "_crop_smax": torch.tensor([self.max_scale_crops[g] for g in crop_group], dtype=torch.float64),
+            "_crop_side": torch.tensor([self.size_crops[g] for g in crop_group], dtype=torch.float64),
+            "_jitter_lo_hi": torch.tensor(self.jitter_ranges, dtype=torch.float32),  # (4, 2)
+            # 1-channel images: saturation and hue are no-ops (factor 1, shift 0)
+            "_grey_keep": torch.tensor([1.0, 1.0, 0.0, 0.0]), "_grey_set": torch.tensor([0.0, 0.0, 1.0, 0.0]),
+            "_no_jitter": torch.tensor([1.0, 1.0, 1.0, 0.0]),  # identity brightness/contrast/saturation/hue
+        }
+        for name, value in self._host_consts.items():
+            self.register_buffer(name, value.clone(), persistent=False)
         self.register_buffer("mean", _as_channel_tensor(mean, self.in_chans, "mean"), persistent=False)
         self.register_buffer("std", _as_channel_tensor(std, self.in_chans, "std"), persistent=False)
+
+    def _const(self, name: str, device: torch.device) -> torch.Tensor:
+        """A constant on ``device``: the host copy on the CPU (no copy back from the module's
+        device), else the module's buffer (moved only if the module lives elsewhere)."""
+        if torch.device(device).type == "cpu":
+            return self._host_consts[name]
+        return getattr(self, name).to(device)
 
     # ---------------------------------------------------------------- randomness
     def sample_params(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -320,7 +343,7 @@ class MultiCrop(nn.Module):
         floor(u' (S - w + 1))). Returns (on (N, K) bool: drawn and a trial fits, boxes (N, K, 4)
         int64 y0, x0, h, w in crop pixels)."""
         u = params["erase_trials"].double()  # (N, K, T, 2)
-        side = self._crop_side.to(u.device)[None, :, None]  # (1, K, 1)
+        side = self._const("_crop_side", u.device)[None, :, None]  # (1, K, 1)
         target = side * side * (self.erase_scale[0] + (self.erase_scale[1] - self.erase_scale[0]) * u[..., 0])
         h, w = _trial_sides(target, u[..., 1], (0.3, 3.3))
         ok = (h < side) & (w < side)
@@ -349,7 +372,7 @@ class MultiCrop(nn.Module):
         area = height * width
         # ---- RandomResizedCrop (torchvision.transforms.RandomResizedCrop.get_params)
         u = params["rrc"].double()  # (N, K, T, 2)
-        smin, smax = self._crop_smin.to(dev)[None, :, None], self._crop_smax.to(dev)[None, :, None]
+        smin, smax = self._const("_crop_smin", dev)[None, :, None], self._const("_crop_smax", dev)[None, :, None]
         target = area[:, :, None] * (smin + (smax - smin) * u[..., 0])
         w, h = _trial_sides(target, u[..., 1], self.ratio)
         ok = (w > 0) & (w <= width[:, :, None]) & (h > 0) & (h <= height[:, :, None])
@@ -370,10 +393,10 @@ class MultiCrop(nn.Module):
         boxes = torch.stack([y0, x0, bh, bw], -1).to(torch.int64)
         trial = torch.where(any_ok, first, torch.full_like(first, -1))
         # ---- flags and factors
-        jr = torch.tensor(self.jitter_ranges, device=dev, dtype=torch.float32)  # (4, 2)
+        jr = self._const("_jitter_lo_hi", dev)  # (4, 2)
         factors = jr[:, 0] + (jr[:, 1] - jr[:, 0]) * params["factors"].float()
         if self.in_chans == 1:  # saturation and hue are no-ops on 1-channel images
-            factors = factors * torch.tensor([1.0, 1.0, 0.0, 0.0], device=dev) + torch.tensor([0.0, 0.0, 1.0, 0.0], device=dev)
+            factors = factors * self._const("_grey_keep", dev) + self._const("_grey_set", dev)
         s0, s1 = self.blur_sigma
         erase = {}
         if self.erase_prob > 0:
@@ -394,46 +417,39 @@ class MultiCrop(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, sizes: torch.Tensor | None,
                 params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The crops of ``images`` (on any device). The crop geometry is planned where ``params``
+        are: from host draws (the trainer's CPU generator) and host ``sizes`` on the host, so the
+        size of each crop's source window is known without reading anything back from the device
+        and the parameters reach it as non-blocking copies; from device draws on the device."""
         if images.dim() != 4 or images.shape[1] != self.in_chans:
             raise ValueError(f"expected images (N, {self.in_chans}, H, W), got {tuple(images.shape)}")
         n, c, hp, wp = images.shape
-        sizes = _full_sizes(images, sizes)
         if params["rrc"].shape[0] != n:
             raise ValueError(f"params are for {params['rrc'].shape[0]} samples, images for {n}")
-        params = {k: v.to(images.device) for k, v in params.items()}  # no-op when already there
-        cp = self.concrete_params(sizes, params)
+        host = params["rrc"].device.type == "cpu" and (sizes is None or sizes.device.type == "cpu")
         sync_free = images.device.type != "cpu" if self.sync_free is None else bool(self.sync_free)
-        window = not sync_free
-        full_src: list[torch.Tensor] = []
-        unit = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
+        if host:
+            cp = self.concrete_params(_full_sizes(images, sizes, "cpu"), params)
+            boxes = cp["boxes"].numpy()  # host memory: reading it never waits for a device
+            windows = [(int(boxes[:, k, 2].max()), int(boxes[:, k, 3].max())) for k in range(self.n_crops)]
+            cp = to_device(cp, images.device)
+        else:
+            params = {k: v.to(images.device) for k, v in params.items()}  # no-op when already there
+            cp = self.concrete_params(_full_sizes(images, sizes), params)
+            windows = None if sync_free else [
+                (int(cp["boxes"][:, k, 2].max()), int(cp["boxes"][:, k, 3].max())) for k in range(self.n_crops)]
         outs: list[torch.Tensor] = []
+        source: list[torch.Tensor] = []  # the whole image in float32, made once if a crop needs it
         k0 = 0
         for size, k in zip(self.size_crops, self.nmb_crops):
             if k == 0:
                 continue
-            sl = slice(k0, k0 + k)
             # crop-major within the group: row j * n + i is crop k0 + j of sample i
-            g = {key: v[:, sl].transpose(0, 1).reshape(k * n, *v.shape[2:]) for key, v in cp.items()}
+            g = {key: v[:, k0:k0 + k].transpose(0, 1).reshape(k * n, *v.shape[2:]) for key, v in cp.items()}
             group = torch.empty(k, n, c, size, size, device=images.device, dtype=torch.float32)
             for j in range(k):
-                y0, x0, bh, bw = g["boxes"][j * n:(j + 1) * n].unbind(-1)
-                lh, lw = (int(bh.max()), int(bw.max())) if window else (hp, wp)
-                if lh < hp or lw < wp:
-                    oy = torch.minimum(y0, torch.full_like(y0, hp - lh))
-                    ox = torch.minimum(x0, torch.full_like(x0, wp - lw))
-                    iy = (oy[:, None] + torch.arange(lh, device=oy.device)).view(n, 1, lh, 1).expand(n, c, lh, wp)
-                    ix = (ox[:, None] + torch.arange(lw, device=ox.device)).view(n, 1, 1, lw).expand(n, c, lh, lw)
-                    src = images.gather(2, iy).gather(3, ix).float()  # gathered while still uint8
-                    y0, x0 = y0 - oy, x0 - ox
-                else:
-                    if not full_src:
-                        full_src.append(images.float())
-                    src = full_src[0]
-                y0, x0, bh, bw = y0.float(), x0.float(), bh.float(), bw.float()
-                wy = _resample_matrix(y0, bh, y0, y0 + bh, size, lh) * unit  # (N, S, lh), 1/255 folded in
-                wx = _resample_matrix(x0, bw, x0, x0 + bw, size, lw)
-                wx = torch.where(g["flip"][j * n:(j + 1) * n, None, None], wx.flip(1), wx)
-                group[j] = _resample(src, wy, wx)
+                win = windows[k0 + j] if windows is not None else (hp, wp)
+                group[j] = self._crop(images, source, g, slice(j * n, (j + 1) * n), size, win)
             x = group.view(k * n, c, size, size)
             x = self._photometric(x, g, sync_free)
             x = x.sub_(self.mean.to(x.device).view(1, c, 1, 1)).div_(self.std.to(x.device).view(1, c, 1, 1))
@@ -444,6 +460,32 @@ class MultiCrop(nn.Module):
             outs.extend(x.view(k, n, c, size, size).unbind(0))
             k0 += k
         return outs
+
+    def _crop(self, images: torch.Tensor, source: list, g: dict, rows: slice, size: int,
+              window: tuple[int, int]) -> torch.Tensor:
+        """One crop of every sample, resized to ``size``: resampled from a per-sample window of
+        ``window`` = (h, w) pixels that holds the box (the batch's largest box of this crop: the
+        dropped pixels have zero weight), or from the whole padded image when the window is it."""
+        n, c, hp, wp = images.shape
+        y0, x0, bh, bw = g["boxes"][rows].unbind(-1)
+        lh, lw = min(window[0], hp), min(window[1], wp)
+        if lh < hp or lw < wp:
+            oy = torch.clamp(y0, max=hp - lh)
+            ox = torch.clamp(x0, max=wp - lw)
+            iy = (oy[:, None] + torch.arange(lh, device=oy.device)).view(n, 1, lh, 1).expand(n, c, lh, wp)
+            ix = (ox[:, None] + torch.arange(lw, device=ox.device)).view(n, 1, 1, lw).expand(n, c, lh, lw)
+            src = images.gather(2, iy).gather(3, ix).float()  # gathered while still uint8
+            y0, x0 = y0 - oy, x0 - ox
+        else:
+            if not source:
+                source.append(images.float())
+            src = source[0]
+        unit = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
+        y0, x0, bh, bw = y0.float(), x0.float(), bh.float(), bw.float()
+        wy = _resample_matrix(y0, bh, y0, y0 + bh, size, lh) * unit  # (N, S, lh), 1/255 folded in
+        wx = _resample_matrix(x0, bw, x0, x0 + bw, size, lw)
+        wx = torch.where(g["flip"][rows, None, None], wx.flip(1), wx)
+        return _resample(src, wy, wx)
 
     def _photometric(self, x: torch.Tensor, g: dict[str, torch.Tensor], sync_free: bool) -> torch.Tensor:
         c = x.shape[1]
@@ -468,7 +510,7 @@ class MultiCrop(nn.Module):
         goes through the 6 blend passes, with factor 1 (an exact identity) where a pass is not
         its own; this is the shortest schedule with a single hue pass."""
         m, c = x.shape[0], x.shape[1]
-        fac = torch.where(on[:, None], factors, torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device))
+        fac = torch.where(on[:, None], factors, self._const("_no_jitter", x.device))
         ar = torch.arange(4, device=x.device)
         hue_pos = (order == 3).to(torch.int64).argmax(-1)  # position of hue in the sequence
         # the 3 non-hue ops in their order: sort positions, pushing hue's last

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from swav.data.builtin import BUILTINS
-from swav.data.datasets import EmptyDatasetError, FileListDataset, ImageFilesDataset, IMAGE_EXTENSIONS
+from swav.data.datasets import (EmptyDatasetError, FileListDataset, ImageFilesDataset, IMAGE_EXTENSIONS,
+                                 decode_sizes)
 from swav.data.loader import Batch, EpochLoader
 from swav.data.multicrop import EvalTransform
 from swav.eval.features import extract_features
@@ -106,7 +107,8 @@ class EvalData:
                    size=size, file_size=a.size_crops[0], mean=_fit_channels(a.mean, cfg.model.in_chans),
                    std=_fit_channels(a.std, cfg.model.in_chans), workers=d.workers if workers is None else workers,
                    download=d.download if download is None else download, min_size=d.min_size,
-                   max_side=d.max_side, batch_size=batch_size, min_side=a.size_crops[0])
+                   max_side=decode_sizes(d.max_side, a.size_crops, a.min_scale_crops, a.nmb_crops)[0],
+                   batch_size=batch_size, min_side=a.size_crops[0])
 
     def batches(self, dataset, indices: np.ndarray, batch_size: int | None = None):
         """The non-empty batches of ``dataset[indices]``, in the order given."""
@@ -164,9 +166,10 @@ def files_dataset(source: str, in_chans: int, *, root: str | None = None, split:
         paths = scan_images(os.fspath(source), IMAGE_EXTENSIONS)
         if not paths:
             raise EmptyDatasetError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) below folder {source!r}")
-        return ImageFilesDataset(paths, None, None, in_chans, min_size, max_side, name=os.fspath(source))
+        return ImageFilesDataset(paths, None, None, in_chans=in_chans, min_size=min_size, max_side=max_side,
+                                 name=os.fspath(source))
     if os.path.isfile(source):
-        return FileListDataset(source, in_chans, min_size, max_side)
+        return FileListDataset(source, in_chans=in_chans, min_size=min_size, max_side=max_side)
     raise ValueError(f"--data {source!r} is neither a built-in data set, an existing folder nor a file list")
 
 

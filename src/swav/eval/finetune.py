@@ -146,8 +146,7 @@ def subset_dataset(dataset, indices: torch.Tensor):
                                   dataset.classes, dataset.name)
     if isinstance(dataset, ImageFilesDataset):
         return ImageFilesDataset([dataset.path(i) for i in idx.tolist()], dataset.labels.index_select(0, idx),
-                                 dataset.classes, dataset.in_chans, dataset.min_size, dataset.max_side,
-                                 dataset.max_pixels, name=dataset.name)
+                                 dataset.classes, name=dataset.name, **dataset.decode_options)
     raise TypeError(f"unsupported data set type {type(dataset).__name__}")
 
 

@@ -67,10 +67,24 @@ class LARS(torch.optim.Optimizer):
             get neither the LARS adaptation nor weight decay: ``g' = g``.  Common in BYOL-style
             recipes; off by default to match the official SwAV code.
 
+    A parameter group may carry ``"lars_exclude": True``: every parameter of that group, whatever
+    its shape, gets ``g' = g`` (no trust ratio, no weight decay).
+
     Parameters whose ``.grad`` is ``None`` are skipped entirely (no weight decay, no
     momentum update, no state): the trainer freezes the prototypes this way.
-    The step performs no host-device synchronisation.
+
+    The step is a few kernels and never waits for the host: the lists of each group (parameters,
+    which are adapted, their sizes, a flat buffer for the updates) are built once per set of
+    parameters with gradients; the trust ratios stay on the device and reach each element through
+    one flat buffer (``repeat_interleave``), so every operation is one ``_foreach`` call or one
+    kernel over all parameters. ``step(found_inf=flag)`` (a device tensor; also taken from the
+    ``found_inf`` attribute that ``torch.amp.GradScaler.step`` sets) applies the step only where
+    ``flag`` is 0: where it is not, parameters and momentum buffers stay bit for bit as they were,
+    decided on the device. Only the step that creates a parameter's momentum buffer reads the flag
+    on the host (whether the buffer should exist at all).
     """
+
+    _step_supports_amp_scaling = True  # GradScaler.step passes grad_scale / found_inf instead of syncing
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  eta: float = 0.001, exclude_bias_and_bn: bool = False):
@@ -83,81 +97,119 @@ class LARS(torch.optim.Optimizer):
         if eta <= 0.0:
             raise ValueError(f"LARS: invalid trust coefficient eta {eta} (must be > 0)")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
-                        exclude_bias_and_bn=exclude_bias_and_bn)
+                        exclude_bias_and_bn=exclude_bias_and_bn, lars_exclude=False)
         super().__init__(params, defaults)
+        self._plans: dict[tuple, list[_LarsBucket]] = {}
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, found_inf: torch.Tensor | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._group_step(group)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)  # GradScaler.step on gradients not yet unscaled
+        skip = None if found_inf is None else found_inf != 0
+        for index, group in enumerate(self.param_groups):
+            for bucket in self._plan(index, group):
+                if grad_scale is not None:
+                    torch._foreach_div_(bucket.grads(), grad_scale.to(bucket.device))
+                self._bucket_step(bucket, group, None if skip is None else skip.to(bucket.device))
         return loss
 
-    def _group_step(self, group: dict) -> None:
-        wd, eta = group["weight_decay"], group["eta"]
-        lr, momentum = group["lr"], group["momentum"]
-        exclude = group["exclude_bias_and_bn"]
-        plain_group = group.get("lars_exclude", False)  # every parameter: g' = g (issue 21/22 contract)
+    def _plan(self, index: int, group: dict) -> list["_LarsBucket"]:
+        """The buckets (one per device and dtype) of the group's parameters that have gradients,
+        built the first time this set of parameters is met."""
+        live = [p for p in group["params"] if p.grad is not None]
+        key = (index, group["exclude_bias_and_bn"], group["lars_exclude"],
+               tuple((id(p), p.dtype, p.device, p.stride()) for p in live))
+        plan = self._plans.get(key)
+        if plan is None:
+            for p in live:
+                if p.grad.is_sparse:
+                    raise RuntimeError("LARS does not support sparse gradients")
+            by_kind: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for p in live:
+                by_kind[(p.device, p.dtype)].append(p)
+            exclude = lambda p: group["lars_exclude"] or (group["exclude_bias_and_bn"] and p.ndim <= 1)  # noqa: E731
+            plan = self._plans[key] = [_LarsBucket(ps, [not exclude(p) for p in ps]) for ps in by_kind.values()]
+        return plan
 
-        adapted: dict[tuple, list[torch.Tensor]] = defaultdict(list)  # (device, dtype) -> params
-        params: list[torch.Tensor] = []
-        updates: list[torch.Tensor] = []  # g' per parameter, in the order of `params`
-        plain: list[int] = []  # positions in `updates` that still hold the raw grad
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("LARS does not support sparse gradients")
-            params.append(p)
-            updates.append(p.grad)
-            if plain_group or (exclude and p.ndim <= 1):
-                plain.append(len(params) - 1)
-            else:
-                adapted[(p.device, p.dtype)].append(len(params) - 1)
-        if not params:
-            return
-
-        # g' = (g + wd * w) * local_lr for the adapted parameters, one stacked norm per
-        # (device, dtype) bucket so that the trust ratios are computed in a few kernels.
-        for idx in adapted.values():
-            ps = [params[i] for i in idx]
-            gs = [updates[i] for i in idx]
-            dtype = torch.promote_types(ps[0].dtype, torch.float32)  # fp16/bf16 -> fp32
-            p_norm = torch.stack(torch._foreach_norm(ps)).to(dtype)
-            g_norm = torch.stack(torch._foreach_norm(gs)).to(dtype)
-            ok = (p_norm > 0) & (g_norm > 0)
-            trust = lars_local_lr(p_norm, g_norm, wd, eta).to(ps[0].dtype)
-            # apex adds weight decay only when it also applies the trust ratio
-            decay = torch.where(ok, torch.full_like(p_norm, wd), torch.zeros_like(p_norm))
-            new = torch._foreach_mul(ps, list(decay.to(ps[0].dtype).unbind()))
-            torch._foreach_add_(new, gs)
-            torch._foreach_mul_(new, list(trust.unbind()))
-            for i, t in zip(idx, new):
-                updates[i] = t
-
+    def _bucket_step(self, b: "_LarsBucket", group: dict, skip: torch.Tensor | None) -> None:
+        """g' = (g + d w) t with t the trust ratio and d = wd where adapted (t = 1, d = 0 where not),
+        then momentum and the update; with ``skip`` set, g' = 0, momentum 1 and no update."""
+        wd, eta, lr, momentum = group["weight_decay"], group["eta"], group["lr"], group["momentum"]
+        grads = b.grads()
+        norm_dtype = torch.promote_types(b.dtype, torch.float32)  # fp16/bf16 -> fp32
+        p_norm = torch.stack(torch._foreach_norm(b.params)).to(norm_dtype)
+        g_norm = torch.stack(torch._foreach_norm(grads)).to(norm_dtype)
+        ok = (p_norm > 0) & (g_norm > 0) & b.adapted  # apex: weight decay only with the trust ratio
+        trust = torch.where(ok, lars_local_lr(p_norm, g_norm, wd, eta), 1.0).to(b.dtype)
+        decay = ok.to(b.dtype) * wd
+        torch._foreach_copy_(b.update, b.params)
+        b.flat.mul_(b.expand(decay))  # d w
+        torch._foreach_add_(b.update, grads)  # + g
+        b.flat.mul_(b.expand(trust))  # * t
+        if skip is not None:
+            b.flat.masked_fill_(skip, 0.0)  # NaN-safe: a skipped step adds nothing
         if momentum != 0.0:
-            bufs, fresh = [], []
-            for i, p in enumerate(params):
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = torch.clone(updates[i]).detach()
-                    state["momentum_buffer"] = buf
-                    fresh.append(i)
-                bufs.append(buf)
-            fresh_set = set(fresh)
-            old = [i for i in range(len(params)) if i not in fresh_set]
-            if old:
-                old_bufs = [bufs[i] for i in old]
-                torch._foreach_mul_(old_bufs, momentum)
-                torch._foreach_add_(old_bufs, [updates[i] for i in old])
-            steps = bufs
+            steps = self._momentum(b, momentum, skip)
+            if steps is None:
+                return
         else:
-            steps = updates
-        torch._foreach_add_(params, steps, alpha=-lr)
+            steps = b.update
+        if skip is None:
+            torch._foreach_add_(b.params, steps, alpha=-lr)
+        else:
+            torch._foreach_add_(b.params, torch._foreach_mul(steps, (~skip).to(b.dtype) * -lr))
+
+    def _momentum(self, b: "_LarsBucket", momentum: float, skip: torch.Tensor | None):
+        """buf = momentum buf + g' (buf = g' on a parameter's first step); None: skipped on the
+        first step (read on the host: the buffers must not exist after it)."""
+        states = [self.state[p] for p in b.params]
+        fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
+        if fresh and skip is not None and bool(skip):
+            return None
+        for i in fresh:
+            states[i]["momentum_buffer"] = b.update[i].clone()
+        old = [i for i in range(len(states)) if i not in set(fresh)]
+        if old:
+            bufs = [states[i]["momentum_buffer"] for i in old]
+            factor = momentum if skip is None else torch.where(skip, b.scalar(1.0), b.scalar(momentum))
+            torch._foreach_mul_(bufs, factor)
+            torch._foreach_add_(bufs, [b.update[i] for i in old])
+        return [st["momentum_buffer"] for st in states]
+
+
+class _LarsBucket:
+    """Parameters of one LARS group on one device and dtype, and what their step reuses: whether
+    each is adapted, their element counts (for spreading per-parameter factors over a flat buffer)
+    and that flat buffer, with one view shaped (and strided) like each parameter."""
+
+    def __init__(self, params: list[torch.Tensor], adapted: list[bool]):
+        self.params = params
+        self.device, self.dtype = params[0].device, params[0].dtype
+        self.adapted = torch.tensor(adapted, dtype=torch.bool, device=self.device)
+        numels = [p.numel() for p in params]
+        self.numels = torch.tensor(numels, dtype=torch.int64, device=self.device)
+        self.total = sum(numels)
+        self.flat = torch.empty(self.total, dtype=self.dtype, device=self.device)
+        offsets = [0]
+        for n in numels[:-1]:
+            offsets.append(offsets[-1] + n)
+        self.update = [self.flat.as_strided(p.shape, p.stride(), o) for p, o in zip(params, offsets)]
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self.params]
+
+    def scalar(self, value: float) -> torch.Tensor:
+        """``value`` as a 0-dim tensor of the bucket's dtype on its device (a fill, not a copy)."""
+        return torch.full((), value, dtype=self.dtype, device=self.device)
+
+    def expand(self, per_param: torch.Tensor) -> torch.Tensor:
+        """(P,) factors -> one per element of the flat buffer (no host read: the size is known)."""
+        return torch.repeat_interleave(per_param, self.numels, output_size=self.total)
 
 
 def _split_decay(model: nn.Module, no_weight_decay=()) -> tuple[list, list]:

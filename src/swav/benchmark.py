@@ -235,8 +235,10 @@ def run_benchmark(cfg: Config, *, steps: int = 10, warmup: int = 3, data: str | 
 
 
 def _batch_source(cfg: Config, data: str | None, image_size: int | None, device, rank: int, world: int):
-    """(endless iterator of (images, sizes) of this rank, description): synthetic images in memory on
-    the device, or batches of the training loader over ``data``."""
+    """(endless iterator of (images on the device, host sizes) of this rank, description): synthetic
+    images in memory on the device, or the batches of the training loader over ``data``, built and
+    handed to the device as ``swav pretrain`` does (decode at the configured size in the workers,
+    pinned memory, the next batch's copy on a side stream)."""
     b = cfg.train.batch_size // world
     if data is None:
         c, h, w = _image_shape(cfg, image_size)
@@ -250,37 +252,32 @@ def _batch_source(cfg: Config, data: str | None, image_size: int | None, device,
                 yield pool.index_select(0, idx), None
 
         return synthetic(), f"synthetic uint8 {c}x{h}x{w} on {device.type}"
-    from swav.data.datasets import build_dataset
-    from swav.data.loader import EpochLoader
+    from swav.build import build_train_data, decode_options
+    from swav.data.transfer import DeviceFeeder
 
-    dataset = build_dataset(data, "train", in_chans=cfg.model.in_chans, root=cfg.data.root,
-                            download=cfg.data.download, subset=cfg.data.subset, min_size=cfg.data.min_size,
-                            max_side=cfg.data.max_side)
-    loader = EpochLoader(dataset, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, rank=rank, world_size=world,
-                         workers=cfg.data.workers, pin_memory=device.type == "cuda")
+    dataset, loader = build_train_data(cfg, rank, world, device, source=data)
 
     def real():
         epoch = 0
         while True:
             loader.set_epoch(epoch)
-            for batch in loader:
-                yield batch.images.to(device, non_blocking=True), batch.sizes.to(device, non_blocking=True)
+            for batch in DeviceFeeder(loader, device):
+                yield batch.images, batch.sizes
             epoch += 1
 
-    return real(), f"{data} ({len(dataset)} images, {cfg.data.workers} workers)"
+    opts = decode_options(cfg)
+    size = (f"decoded at mean side {opts['mean_side']}, longer side <= {opts['max_side']}" if opts["mean_side"]
+            else f"longer side <= {opts['max_side']}" if opts["max_side"] else "decoded at full size")
+    return real(), f"{data} ({len(dataset)} images, {size}, {cfg.data.workers} workers)"
 
 
 def _learner(cfg: Config, device, world: int, precision: str):
     """The learner as the trainer builds it, with a full queue of unit vectors when the config has
     one (in use from the first step: its cost is part of the step measured)."""
-    from swav.build import build_training_state, wrap_for_training
-    from swav.monitor import NaNGuard
+    from swav.build import build_learner, wrap_for_training
     from swav.queue import FeatureQueue
-    from swav.step import Learner
 
-    model, optimizer, scaler = build_training_state(cfg, device, world, precision)
-    learner = Learner(model, model, optimizer, scaler, build_multicrop(cfg).to(device), device, precision, world,
-                      cfg.swav, NaNGuard(cfg.train.nan_patience))
+    learner = build_learner(cfg, device, world, precision)
     q_local = cfg.swav.queue_length // world if cfg.swav.queue_length > 0 else 0
     if q_local > 0:
         learner.queue = FeatureQueue(len(cfg.swav.crops_for_assign), q_local, cfg.model.feat_dim, device=device)
@@ -312,7 +309,7 @@ def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
     learner, wrap = _learner(cfg, device, world, precision)
     a, b = cfg.augment, cfg.train.batch_size // world
     flops = count_model_flops(learner.raw_model, cfg.model.in_chans, a.size_crops, a.nmb_crops, b, device)
-    learner.model = wrap(learner.raw_model, device, world, cfg.train.compile)
+    learner.model = wrap(learner.raw_model, device, world, learner.compile)
     mm_dtypes = {"fp32": torch.float32}
     if precision in ("bf16", "fp16"):
         mm_dtypes[precision] = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -328,7 +325,9 @@ def _run(cfg, steps, warmup, data, image_size, matmul_n, free_run, log) -> dict:
     if device.type == "cpu":
         mm["cpu"] = {k: max(v, matmul_rate(device, mm_dtypes[k], matmul_n, clock=time.process_time))
                      for k, v in mm["cpu"].items()}
-    return _results(cfg, device, precision, world, b, data_desc, steps, warmup, flops, timing, mm, matmul_n)
+    res = _results(cfg, device, precision, world, b, data_desc, steps, warmup, flops, timing, mm, matmul_n)
+    res["channels_last"], res["compile"] = bool(learner.multicrop.channels_last), bool(learner.compile)
+    return res
 
 
 def _step_runner(cfg: Config, learner, source, n_lr: int, rank: int, world: int):
@@ -341,19 +340,18 @@ def _step_runner(cfg: Config, learner, source, n_lr: int, rank: int, world: int)
     gb, b = cfg.train.batch_size, cfg.train.batch_size // world
     schedule = cosine_schedule(cfg.optim.lr, cfg.optim.final_lr, 1, n_lr, 0.0, 0.0)
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    pin, device, counter = learner.device.type == "cuda", learner.device, [0]
+    counter = [0]
 
     def one_step(clock) -> int:
         clock.start()
         images, sizes = next(source)
         clock.mark("data")
+        # host draws: the crops are planned on the host and their parameters copied without a wait
         params = slice_params(learner.multicrop.sample_params(gb, gen), rank * b, (rank + 1) * b)
         if len(images) != b:
             params = {k: v[: len(images)] for k, v in params.items()}
-        if pin:
-            params = {k: v.pin_memory() for k, v in params.items()}
-        params = {k: v.to(device, non_blocking=True) for k, v in params.items()}
-        out = swav_step.train_step(learner, images, sizes, params, float(schedule[counter[0]]), clock=clock)
+        out = swav_step.train_step(learner, images, sizes, params, float(schedule[counter[0]]), clock=clock,
+                                   step=counter[0])
         counter[0] += 1
         return out.batch_size
 
@@ -405,7 +403,7 @@ def _results(cfg, device, precision, world, b, data_desc, steps, warmup, flops, 
     res = {
         "preset": cfg.preset, "device": str(device), "device_name": device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": world,
-        "precision": precision, "channels_last": bool(cfg.train.channels_last), "compile": bool(cfg.train.compile),
+        "precision": precision,
         "arch": cfg.model.arch, "width_per_group": cfg.model.width_per_group,
         "batch_size": cfg.train.batch_size, "batch_per_process": b,
         "crops": "+".join(f"{n}x{s}" for n, s in zip(a.nmb_crops, a.size_crops)),

@@ -10,7 +10,8 @@ import torch
 from swav.config import ConfigError
 
 __all__ = ["device_type_of", "pick_device", "resolve_device", "resolve_precision", "check_precision",
-           "autocast", "synchronize", "cpu_name", "device_name"]
+           "autocast", "synchronize", "cpu_name", "device_name", "resolve_channels_last", "resolve_compile",
+           "configure_backends"]
 
 
 def device_type_of(spec: str) -> str:
@@ -65,6 +66,35 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision == "fp16" and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
         raise ConfigError([f"train.precision = fp16 off a CUDA GPU needs torch >= 2.3 (a CPU GradScaler; this is "
                            f"{torch.__version__}); use bf16 or fp32"])
+
+
+def resolve_channels_last(setting: bool | str, device: torch.device, precision: str) -> bool:
+    """``train.channels_last``: ``auto`` -> on for bf16/fp16 (cuDNN's tensor-core convolutions and
+    oneDNN's bf16 ones work in NHWC; NCHW inputs are transposed around every convolution), off for
+    fp32. Not measured here on a GPU: bench/gpu_check.py times both."""
+    if setting == "auto":
+        return precision in ("bf16", "fp16")
+    return bool(setting)
+
+
+def resolve_compile(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile``: ``auto`` -> on a CUDA device when Triton (torch.compile's GPU code
+    generator) is importable, off elsewhere (on a CPU compiling costs minutes for a step that
+    oneDNN already runs well). Not measured here on a GPU: bench/gpu_check.py times both."""
+    if setting != "auto":
+        return bool(setting)
+    if device.type != "cuda":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def configure_backends(device: torch.device) -> None:
+    """Backend settings of a training process on ``device``: cuDNN picks the fastest convolution
+    algorithm for each shape it meets (``cudnn.benchmark``; the crops come in a few fixed shapes)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def autocast(device: torch.device, precision: str):

@@ -3,7 +3,7 @@
 Nothing here calls ``.item()`` on the hot path unless asked to:
 :func:`assignment_stats` returns tensors, :class:`ProgressBar` converts
 tensor fields only on the steps it actually draws, and :class:`NaNGuard`
-does one host sync per check.
+counts bad steps on the device, read on the host only when asked.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ __all__ = [
     "assignment_stats",
     "CollapseWatch",
     "NaNGuard",
+    "NONFINITE_CAUSES",
     "NonFiniteError",
+    "nonfinite_causes",
 ]
 
 LOGGER_NAME = "swav"
@@ -409,14 +411,33 @@ class NonFiniteError(RuntimeError):
     """Raised by :class:`NaNGuard` after too many consecutive non-finite steps."""
 
 
-class NaNGuard:
-    """Check that the loss and all gradients are finite, with one host sync per check.
+#: the causes a training step records for a non-finite step, in the order of ``NaNGuard.observe``
+NONFINITE_CAUSES = ("loss", "BatchNorm statistics", "gradients")
 
-    Call :meth:`check` after ``backward()`` (after ``GradScaler.unscale_`` when
-    using one) and skip ``optimizer.step()`` when it returns ``False``.
-    After ``patience`` consecutive bad steps it raises :class:`NonFiniteError`.
-    Gradients are reduced with an infinity-norm (max |g|), so a finite gradient
-    never reads as non-finite.
+
+def nonfinite_causes(flags) -> list[str]:
+    """Names of a step's non-finite causes from its 3 flags (:data:`NONFINITE_CAUSES`); gradients
+    are named only when neither the loss nor a BatchNorm statistic was (a non-finite loss makes
+    every gradient non-finite)."""
+    flags = [bool(f) for f in flags]
+    named = [n for n, on in zip(NONFINITE_CAUSES[:2], flags[:2]) if on]
+    return named or (["gradients"] if flags[2] else [])
+
+
+class NaNGuard:
+    """Watch that the loss and all gradients are finite; stop after ``patience`` bad steps in a row.
+
+    Two ways to use it:
+
+    * :meth:`check` after ``backward()`` (after ``GradScaler.unscale_`` when using one): one host
+      sync; skip ``optimizer.step()`` when it returns ``False``; after ``patience`` consecutive
+      bad steps it raises :class:`NonFiniteError`. Gradients are reduced with an infinity-norm
+      (max |g|), so a finite gradient never reads as non-finite.
+    * the training step's way, which never waits for the host: :meth:`observe` records each
+      step's device-side verdict (the step itself is undone on the device) in counters that live
+      on the device; :meth:`read` (at a log line or a checkpoint) brings them to the host once,
+      updates ``consecutive`` and ``bad_steps_total`` and raises :class:`NonFiniteError` when a
+      run of ``patience`` bad steps happened since the last read.
     """
 
     def __init__(self, patience: int = 10):
@@ -425,6 +446,45 @@ class NaNGuard:
         self.patience = patience
         self.consecutive = 0
         self.bad_steps_total = 0
+        # on the device: [bad steps since the last read, current run, longest run since the last
+        # read] and the causes of the last bad step
+        self._counts: torch.Tensor | None = None
+        self._causes: torch.Tensor | None = None
+
+    def observe(self, bad: torch.Tensor, causes: torch.Tensor, step: int = 0) -> None:
+        """Record one step: ``bad`` (0-dim bool) and its ``causes`` ((3,) bool, see
+        :data:`NONFINITE_CAUSES`), on their device, without a host read; ``step`` numbers it."""
+        if self._counts is None or self._counts.device != bad.device:
+            self._counts = torch.zeros(4, dtype=torch.int64, device=bad.device)
+            self._counts[1] = self.consecutive
+            self._causes = torch.zeros(len(NONFINITE_CAUSES), dtype=torch.bool, device=bad.device)
+        b = bad.to(torch.int64)
+        c = self._counts
+        run = (c[1] + 1) * b  # a finite step ends the run
+        self._counts = torch.stack([c[0] + b, run, torch.maximum(c[2], run), torch.where(bad, step, c[3])])
+        self._causes = torch.where(bad, causes, self._causes)
+
+    def read(self) -> tuple[int, int, list[str]]:
+        """One host read of the device counters: ``(bad steps since the last read, the step number
+        of the last of them, its causes)``. Raises NonFiniteError when ``patience`` bad steps came
+        in a row."""
+        if self._counts is None:
+            return 0, -1, []
+        since, run, longest, last = (int(v) for v in self._counts.cpu())
+        causes = nonfinite_causes(self._causes.cpu().tolist())
+        self._counts = self._counts.clone()
+        self._counts[0], self._counts[2] = 0, 0  # the current run and the last bad step go on
+        self.bad_steps_total += since
+        self.consecutive = run
+        if longest >= self.patience:
+            self.consecutive = max(run, longest)
+            raise NonFiniteError(self._summary(causes))
+        return since, last, causes
+
+    def _summary(self, causes: list[str]) -> str:
+        return (f"loss or gradients were non-finite for {self.consecutive} consecutive steps "
+                f"({self.bad_steps_total} in total); the last bad step had a non-finite "
+                f"{' and '.join(causes) or 'value on another rank'}. " + _ADVICE)
 
     def check(self, loss: torch.Tensor | float, model: nn.Module | Iterable[torch.Tensor]) -> bool:
         loss_t = torch.as_tensor(loss).detach()
@@ -457,8 +517,10 @@ class NaNGuard:
         return (
             f"loss or gradients were non-finite for {self.consecutive} consecutive steps "
             f"({self.bad_steps_total} in total). Last step: loss is {'finite' if loss_ok else 'NOT finite'}; "
-            f"{len(bad)} of {len(named)} gradients non-finite{': ' + shown if bad else ''}. "
-            "What to try: lower the learning rate (or lengthen the warmup); use bf16 autocast instead of "
-            "fp16; check the input data for NaN/inf or corrupt images. Lowering the Sinkhorn epsilon is "
-            "not the fix: the Sinkhorn here runs in the log domain and does not overflow."
+            f"{len(bad)} of {len(named)} gradients non-finite{': ' + shown if bad else ''}. " + _ADVICE
         )
+
+
+_ADVICE = ("What to try: lower the learning rate (or lengthen the warmup); use bf16 autocast instead of "
+           "fp16; check the input data for NaN/inf or corrupt images. Lowering the Sinkhorn epsilon is "
+           "not the fix: the Sinkhorn here runs in the log domain and does not overflow.")

@@ -107,6 +107,16 @@ class FeatureQueue:
         self.buffer[:, -n:] = tail
         self.in_use = in_use
 
+    def restore_where(self, snap: tuple[torch.Tensor, bool], flag: torch.Tensor) -> None:
+        """``restore(snap)`` where the 0-dim bool ``flag`` is set, decided on the device (no host
+        read, except on the one step where the queue started to take part)."""
+        tail, in_use = snap
+        n = tail.shape[1]
+        undone = torch.cat([self.buffer[:, n:], tail], dim=1)
+        self.buffer.copy_(torch.where(flag.to(self.buffer.device), undone, self.buffer))
+        if self.in_use != in_use and bool(flag):
+            self.in_use = in_use
+
     # --- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """This rank's state (use ``global_state_dict`` in a distributed run)."""

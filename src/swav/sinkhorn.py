@@ -96,7 +96,7 @@ def sinkhorn(
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     world = _group_size(group)
 
-    num_b = torch.tensor(float(scores.shape[0]), dtype=dtype, device=scores.device)
+    num_b = torch.full((), float(scores.shape[0]), dtype=dtype, device=scores.device)  # a fill, not a copy
     if linear is None:
         linear = scores.device.type == "cpu"
     if linear:

@@ -25,18 +25,18 @@ import torch
 
 from swav import __version__
 from swav import distributed as dist_utils
-from swav.build import build_model, build_multicrop, build_training_state, wrap_for_training
+from swav.build import build_learner, build_model, build_train_data, wrap_for_training
 from swav.checkpoint import CHECKPOINT_NAME
 from swav.config import Config, ConfigError, check_paths, save_yaml, validate
-from swav.data.datasets import build_dataset
 from swav.data.loader import EpochLoader
 from swav.data.multicrop import slice_params
-from swav.device import check_precision, device_name, device_type_of, pick_device, resolve_precision
+from swav.data.transfer import DeviceFeeder
+from swav.device import check_precision, device_name, device_type_of, pick_device, resolve_precision, synchronize
 from swav.eval.compare import Comparison, compare_features
 from swav.eval.data import EvalData, knn_of_backbone
 from swav.eval.features import recompute_batchnorm
 from swav.eval.results import make_record, write_result
-from swav.monitor import CollapseWatch, MetricsWriter, NaNGuard, ProgressBar, assignment_stats, setup_logging
+from swav.monitor import CollapseWatch, MetricsWriter, ProgressBar, assignment_stats, setup_logging
 from swav.plan import CALIBRATION_STEPS, StepPlan
 from swav.runrecord import RunRecord
 from swav.runlock import RunLock, RunLockedError
@@ -218,6 +218,10 @@ class _Run:
     stopped_by_signal: bool = False
     window: dict = field(default_factory=dict)  # images, data time and start of the logging window
     refit_at: int | None = None  # time budget: timed steps at which the final fit is made
+    read_at: int = -1  # the step of the last host read of the device's counters (_read_point)
+    group_flags: torch.Tensor | None = None  # in a group: stop signals and unusable files since that read
+    pending_skipped: list = field(default_factory=list)  # in a group: this rank's unusable files since then
+    stop_signal: bool = False  # in a group: a stop signal reached some rank (known at a read point)
 
     @property
     def learner(self) -> Learner:
@@ -231,11 +235,7 @@ class _Run:
 def _open_data(cfg: Config, rank: int, world: int, device: torch.device):
     """The training data set and its loader; a source that cannot be used is a configuration error."""
     try:
-        dataset = build_dataset(cfg.data.source, "train", in_chans=cfg.model.in_chans, root=cfg.data.root,
-                                download=cfg.data.download, subset=cfg.data.subset, min_size=cfg.data.min_size,
-                                max_side=cfg.data.max_side)
-        loader = EpochLoader(dataset, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, rank=rank,
-                             world_size=world, workers=cfg.data.workers, pin_memory=device.type == "cuda")
+        dataset, loader = build_train_data(cfg, rank, world, device)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"data.source = {str(cfg.data.source)!r}: {e}") from None
     eval_data = EvalData.from_config(cfg)
@@ -258,17 +258,15 @@ def _set_up(cfg: Config, env, device: torch.device, precision: str, record: RunR
     if dist_utils.is_main():
         save_yaml(cfg, out / "config.yaml")
     dataset, loader, eval_data = _open_data(cfg, rank, world, device)
-    model, optimizer, scaler = build_training_state(cfg, device, world, precision,
-                                                    init_weights=resume_point is None)
-    learner = Learner(model, model, optimizer, scaler, build_multicrop(cfg).to(device), device, precision, world,
-                      cfg.swav, NaNGuard(cfg.train.nan_patience))
+    learner = build_learner(cfg, device, world, precision, init_weights=resume_point is None)
+    model = learner.raw_model
     state = RunState(cfg, out, learner, StepPlan.start(cfg, loader.steps_per_epoch), record, rank, world)
     if resume_point is not None:
         state.resume(resume_point)
         log.info("resumed from %s at step %d (epoch %d); it was written by %d process(es), now %d",
                  state.path, state.step, state.step // state.plan.steps_per_epoch, state.resumed_from, world)
         del resume_point
-    learner.model = wrap_for_training(model, device, world, cfg.train.compile)
+    learner.model = wrap_for_training(model, device, world, learner.compile)
     _describe(state, dataset, device, precision)
     nmb = model.prototypes.nmb_prototypes
     run = _Run(cfg, state, loader, eval_data, MetricsWriter(out, enabled=dist_utils.is_main()),
@@ -297,7 +295,10 @@ def _describe(state: RunState, dataset, device: torch.device, precision: str) ->
 
 
 def _loop(run: _Run, max_steps: int | None) -> None:
-    """Epochs of steps until the plan is done, a signal arrives or ``max_steps`` are taken."""
+    """Epochs of steps until the plan is done, a signal arrives or ``max_steps`` are taken. The
+    device's counters (NaN guard, in a group the stop signals and unusable files) are read on the
+    host only where a log line or a checkpoint is due (``_read_point``): in between, the host
+    queues steps without waiting for the device."""
     cfg, state = run.cfg, run.state
     spe, steps_this_call, calib_t0 = run.plan.steps_per_epoch, 0, None
     run.window = {"t": time.perf_counter(), "images": 0, "data_time": 0.0}
@@ -309,7 +310,7 @@ def _loop(run: _Run, max_steps: int | None) -> None:
                 run.learner.queue = state.new_queue()
             run.loader.set_epoch(epoch, it)
             t_data = time.perf_counter()
-            for batch in run.loader:
+            for batch in DeviceFeeder(run.loader, run.learner.device):
                 run.window["data_time"] += time.perf_counter() - t_data
                 outcome = _step(run, batch, it, sig)
                 it += 1
@@ -318,13 +319,17 @@ def _loop(run: _Run, max_steps: int | None) -> None:
                     calib_t0 = _calibrate(run, steps_this_call, calib_t0)
                 if state.step % cfg.train.log_every == 0 or it == spe or state.step >= run.plan.total_steps:
                     _log_step(run, outcome, epoch)
-                run.stopped_by_signal = outcome.signalled
-                stop = outcome.signalled or (max_steps is not None and steps_this_call >= max_steps)
+                stop = run.stop_signal or outcome.signalled or (max_steps is not None and steps_this_call >= max_steps)
                 if cfg.train.save_every_steps and state.step % cfg.train.save_every_steps == 0 and it < spe:
+                    _read_point(run)
+                    stop = stop or run.stop_signal
                     state.save(epoch_done=False)
+                run.stopped_by_signal = run.stop_signal or outcome.signalled
                 if it == spe or state.step >= run.plan.total_steps or stop:
                     break
                 t_data = time.perf_counter()
+            _read_point(run)  # the checkpoint below holds the counts of every step so far
+            run.stopped_by_signal = run.stopped_by_signal or run.stop_signal
             _end_of_epoch_or_stop(run, epoch_done=it == spe or state.step >= run.plan.total_steps)
             if run.stopped_by_signal:
                 log.warning("received signal %s: checkpoint written to %s, exiting; rerun the same command to "
@@ -336,7 +341,8 @@ def _loop(run: _Run, max_steps: int | None) -> None:
 
 
 def _step(run: _Run, batch, it: int, sig: _SignalFlag):
-    """One training step on a batch of the loader: its augmentation parameters, then ``train_step``."""
+    """One training step on a batch of the loader (its images on the device, the rest on the
+    host): its augmentation parameters, drawn on the host, then ``train_step``."""
     cfg, state, L = run.cfg, run.state, run.learner
     if batch.skipped and run.world == 1:
         state.skipped_files += len(batch.skipped)
@@ -346,30 +352,57 @@ def _step(run: _Run, batch, it: int, sig: _SignalFlag):
     if len(batch) == 0:
         raise RuntimeError(f"every image of step {state.step} on rank {run.rank} was unusable; "
                            "clean the data source (see the warnings above)")
-    # augmentation parameters of the whole global batch, this rank's slice
+    # augmentation parameters of the whole global batch, this rank's slice (host tensors: the
+    # crops are planned on the host from them and the images' sizes)
     gb, b = cfg.train.batch_size, cfg.train.batch_size // run.world
     gen = torch.Generator().manual_seed(_step_seed(cfg.train.seed, state.step))
     params = slice_params(L.multicrop.sample_params(gb, gen), run.rank * b, (run.rank + 1) * b)
     if len(batch) != len(rank_idx):
         keep = torch.isin(rank_idx, batch.indices)
         params = {k: v[keep] for k, v in params.items()}
-    params = {k: v.to(L.device, non_blocking=True) for k, v in params.items()}
-    images = batch.images.to(L.device, non_blocking=True)
-    sizes = batch.sizes.to(L.device, non_blocking=True)
-    outcome = swav_step.train_step(L, images, sizes, params, run.plan.lr(state.step),
+    outcome = swav_step.train_step(L, batch.images, batch.sizes, params, run.plan.lr(state.step),
                                    freeze_prototypes=run.plan.freezes_prototypes(state.step),
-                                   signalled=sig.raised is not None, skipped_files=len(batch.skipped))
-    if not outcome.applied:
-        log.warning("step %d: non-finite %s, step skipped and undone (%d in a row)", state.step,
-                    " and ".join(outcome.causes) or ("gradients" if run.world == 1 else "gradients or a value "
-                                                     "on another rank"), L.nan_guard.consecutive)
-    if run.world > 1 and outcome.skipped_files > 0:  # every rank's skipped files go to rank 0's log
-        state.skipped_files += outcome.skipped_files
-        for s in (r for recs in dist_utils.gather_objects(batch.skipped) for r in recs):
-            log.warning("skipped %s: %s", _printable(s.path), _printable(s.reason))
+                                   signalled=sig.raised is not None, skipped_files=len(batch.skipped),
+                                   step=state.step)
+    if outcome.group_flags is not None:  # in a group: summed over ranks on the device, read at _read_point
+        run.group_flags = outcome.group_flags if run.group_flags is None else run.group_flags + outcome.group_flags
+        run.pending_skipped.extend(batch.skipped)
     state.step += 1
     run.window["images"] += outcome.batch_size * run.world
     return outcome
+
+
+def _read_point(run: _Run) -> None:
+    """The host reads of the steps since the last one (once per step at most): the NaN guard's
+    count (a warning per skipped step; NonFiniteError after ``train.nan_patience`` in a row), and
+    in a group every rank's stop signals and unusable files (each rank reads at the same steps, so
+    all stop at the same one)."""
+    state = run.state
+    if run.read_at == state.step:
+        return
+    run.read_at = state.step
+    try:
+        n_bad, last, causes = run.learner.nan_guard.read()
+    finally:
+        if run.world > 1:
+            _read_group_flags(run)
+    if n_bad:
+        others = f"; {n_bad - 1} more since the last log line" if n_bad > 1 else ""
+        log.warning("step %d: non-finite %s, step skipped and undone (%d in a row%s)", last + 1,
+                    " and ".join(causes) or "value on another rank", run.learner.nan_guard.consecutive, others)
+
+
+def _read_group_flags(run: _Run) -> None:
+    """In a group: stop signals and unusable files of every rank since the last read."""
+    state = run.state
+    signals, n_skipped = (0, 0) if run.group_flags is None else (int(v) for v in run.group_flags.cpu())
+    run.group_flags = None
+    run.stop_signal = run.stop_signal or signals > 0
+    if n_skipped > 0:  # every rank's skipped files go to rank 0's log
+        state.skipped_files += n_skipped
+        for s in (r for recs in dist_utils.gather_objects(run.pending_skipped) for r in recs):
+            log.warning("skipped %s: %s", _printable(s.path), _printable(s.reason))
+    run.pending_skipped = []
 
 
 def _calibrate(run: _Run, steps_this_call: int, t0: float | None) -> float | None:
@@ -379,10 +412,13 @@ def _calibrate(run: _Run, steps_this_call: int, t0: float | None) -> float | Non
     refits at the same step (the window comes from the agreed count). Returns the timer's start."""
     if steps_this_call == 2:
         run.refit_at = None
+        synchronize(run.learner.device)  # the device may run behind the host: time what it did
         return time.perf_counter()
     if t0 is None:
         return None
     timed = steps_this_call - 2
+    if timed in (CALIBRATION_STEPS, run.refit_at):
+        synchronize(run.learner.device)
     if timed == CALIBRATION_STEPS:
         _fit_budget(run, (time.perf_counter() - t0) / timed, timed, final=False)
         run.refit_at = run.plan.refit_window()
@@ -406,7 +442,9 @@ def _fit_budget(run: _Run, seconds_per_step: float, timed: int, final: bool) -> 
 
 
 def _log_step(run: _Run, outcome, epoch: int) -> None:
-    """A metrics record, the progress bar and the collapse watch (the only host syncs besides the NaN guard)."""
+    """A metrics record, the progress bar and the collapse watch: with ``_read_point``, the only
+    host reads of device values in training."""
+    _read_point(run)
     state, w = run.state, run.window
     run.last_loss = float(dist_utils.all_reduce_mean(outcome.loss).item())  # over ranks
     now = time.perf_counter()

@@ -20,7 +20,7 @@ BAD_VALUES = {
     "data.subset": ["-1", "10"],
     "data.workers": ["-1"],
     "data.min_size": ["-5"],
-    "data.max_side": ["-1"],
+    "data.max_side": ["-1", "big"],
     "augment.size_crops": ["[0,16]", "[28]"],
     "augment.nmb_crops": ["[0,2]", "[1]"],
     "augment.min_scale_crops": ["[0,0.1]", "[0.3,0.5]"],

@@ -121,6 +121,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return None
             (inner,) = [a for a in args if a is not type(None)]
             return _coerce_scalar(value, inner)
+        for member in args:  # a union such as int | str ("auto" or a number): the first that fits
+            try:
+                return _coerce_scalar(value, member)
+            except _CoerceError:
+                continue
         return _coerce_scalar(value, tp)
     except (_CoerceError, yaml.YAMLError):
         raise ConfigError(f"{key}: cannot use {reprlib.repr(value)} ({type(value).__name__}); expected "

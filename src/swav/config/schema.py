@@ -60,9 +60,13 @@ class DataConfig:
     workers: int = _f(2, "CPU worker processes that decode and augment images (0 = in the main "
                          "process); raise it until the GPU is busy, about one per CPU core")
     min_size: int = _f(0, "skip images smaller than this many pixels on either side (0 = keep all)")
-    max_side: int = _f(0, "downscale images whose longer side exceeds this in the workers, before "
-                          "cropping (0 = keep); e.g. 320 speeds up decoding of large photos for "
-                          "224-px crops")
+    max_side: int | str = _f("auto", "decode images at the size the crops need, in the workers: auto = "
+                                     "shrink each image to a geometric-mean side D = max over crop groups of "
+                                     "size / sqrt(3/4 * min_scale) (691 px for the paper's 224 px crops at "
+                                     "scale 0.14; at most 4x the largest crop), longer side at most 2D: the "
+                                     "smallest box a crop can draw, of any aspect ratio, still has at least "
+                                     "its output's pixels, so no crop loses detail; N = longer side at most "
+                                     "N; 0 = full size (the official code's decode)")
 
 
 @dataclass
@@ -204,9 +208,12 @@ class TrainConfig:
     log_every: int = _f(10, "steps between log lines")
     nan_patience: int = _f(5, "stop after this many consecutive steps with a non-finite loss or "
                               "gradient (each is skipped, never applied); usually the lr is too high")
-    channels_last: bool = _f(False, "use the channels-last memory format (faster convolutions "
-                                    "with bf16/fp16 on tensor-core GPUs)")
-    compile: bool = _f(False, "torch.compile the model (slower start, faster steps on GPU)")
+    channels_last: bool | str = _f("auto", "channels-last memory format for the network and its crops: "
+                                           "auto = on for bf16/fp16 (tensor-core GPUs, oneDNN bf16 on "
+                                           "CPUs), off for fp32; true or false to choose")
+    compile: bool | str = _f("auto", "torch.compile the model: auto = on a CUDA GPU when Triton is "
+                                     "installed (the first steps take about a minute longer, later "
+                                     "steps are faster), off on CPU; true or false to choose")
     knn_every: int = _f(0, "run the online kNN monitor every N epochs on a labelled built-in "
                            "source (0 = off)")
     knn_k: int = _f(20, "neighbours k of the kNN monitor (20 is customary)")

@@ -92,7 +92,10 @@ def _check_data(found: _Findings, d: DataConfig, t: TrainConfig) -> None:
     at_least("data.subset", d.subset, 0, "0 uses every image")
     at_least("data.workers", d.workers, 0, "0 decodes in the main process")
     at_least("data.min_size", d.min_size, 0)
-    at_least("data.max_side", d.max_side, 0, "0 keeps the original size")
+    if not (d.max_side == "auto" or (isinstance(d.max_side, int) and not isinstance(d.max_side, bool)
+                                     and d.max_side >= 0)):
+        err(f"data.max_side = {d.max_side!r} must be auto (the size the crops need), a longer side in "
+            "pixels, or 0 (decode at full size)")
     if 0 < d.subset < t.batch_size:
         err(f"data.subset = {d.subset} is smaller than the global batch train.batch_size = "
             f"{t.batch_size}: no full batch can be drawn; raise the subset or lower the batch")
@@ -262,6 +265,9 @@ def _check_train(found: _Findings, t: TrainConfig, d: DataConfig, world_size: in
     at_least("train.save_every_steps", t.save_every_steps, 0, "0 = only at epoch ends")
     at_least("train.log_every", t.log_every, 1)
     at_least("train.nan_patience", t.nan_patience, 1)
+    for key in ("channels_last", "compile"):
+        if getattr(t, key) not in (True, False, "auto"):
+            err(f"train.{key} = {getattr(t, key)!r} must be auto, true or false")
     at_least("train.knn_every", t.knn_every, 0, "0 turns the kNN monitor off")
     at_least("train.knn_k", t.knn_k, 1)
     at_least("train.final_linear_epochs", t.final_linear_epochs, 0)

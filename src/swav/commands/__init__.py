@@ -10,7 +10,7 @@ import os
 import sys
 import textwrap
 
-COMMAND_MODULES = ("swav.commands.evaluate", "swav.commands.report", "swav.commands.bench")
+COMMAND_MODULES = ("swav.commands.evaluate", "swav.commands.report", "swav.commands.bench", "swav.commands.prepare")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the work started and failed

@@ -180,7 +180,7 @@ _MIN_BOX_RATIO = 3.0 / 4.0
 def crop_decode_side(size_crops: Sequence[int], min_scale_crops: Sequence[float],
                      nmb_crops: Sequence[int] | None = None) -> int:
     """The geometric-mean side D at which multi-crop loses nothing: ``ceil(max_g S_g / sqrt(3/4 *
-    smin_g))`` over the crop groups g (side S_g, smallest area fraction smin_g), at most 4 x the
+    smin_g))`` over the crop groups g (side S_g, smallest area fraction smin_g), at most 6 x the
     largest crop side.
 
     Why: crop group g draws a box of area ``s * h * w`` (s >= smin_g) and aspect r in [3/4, 4/3] and
@@ -189,14 +189,15 @@ def crop_decode_side(size_crops: Sequence[int], min_scale_crops: Sequence[float]
     the crop is a downscale of the decoded image, whose detail (up to its Nyquist limit) is all the
     crop's output can represent, as it would be from the full-size image. Only a box that the
     full-size image would also have upsampled (too small a photo) sees a difference: none, the
-    photo is then not shrunk. The bound 4 x the largest crop (reached only below min scale 0.047
-    for one crop size) keeps a run's memory and decode time in proportion to its crops."""
+    photo is then not shrunk. The bound 6 x the largest crop side (reached only below a min scale
+    of 0.037 for the largest crops) keeps a run's memory and decode time in proportion to its
+    crops."""
     groups = [(int(sz), float(sm)) for k, (sz, sm) in enumerate(zip(size_crops, min_scale_crops))
               if nmb_crops is None or int(nmb_crops[k]) > 0]
     if not groups:
         raise ValueError("crop_decode_side: no crop group")
     need = max(sz / math.sqrt(_MIN_BOX_RATIO * sm) for sz, sm in groups)
-    return int(min(math.ceil(need - 1e-9), 4 * max(sz for sz, _ in groups)))
+    return int(min(math.ceil(need - 1e-9), 6 * max(sz for sz, _ in groups)))
 
 
 def decode_sizes(max_side: int | str, size_crops: Sequence[int], min_scale_crops: Sequence[float],
@@ -216,7 +217,9 @@ def decode_sizes(max_side: int | str, size_crops: Sequence[int], min_scale_crops
 def target_size(w: int, h: int, max_side: int = 0, mean_side: int = 0) -> tuple[int, int]:
     """The decoded ``(w, h)`` of a ``w x h`` image: scaled by ``min(1, mean_side / sqrt(w h),
     max_side / max(w, h))`` (a rule that is 0 is off; an area within 2 % of ``mean_side^2`` is left
-    alone), sides rounded, at least 1. Never larger than the image."""
+    alone), sides rounded (down where rounding would leave the area over that), at least 1. Never
+    larger than the image, and a second call on its result gives it back (a prepared folder is not
+    resized again)."""
     s = 1.0
     if mean_side > 0 and w * h > _AREA_SLACK * mean_side * mean_side:
         s = mean_side / math.sqrt(w * h)
@@ -224,7 +227,10 @@ def target_size(w: int, h: int, max_side: int = 0, mean_side: int = 0) -> tuple[
         s = min(s, max_side / max(w, h))
     if s >= 1.0:
         return w, h
-    return max(1, round(w * s)), max(1, round(h * s))
+    tw, th = max(1, round(w * s)), max(1, round(h * s))
+    if mean_side > 0 and tw * th > _AREA_SLACK * mean_side * mean_side:  # rounded up too far: a
+        tw, th = max(1, math.floor(w * s)), max(1, math.floor(h * s))  # resize would follow next time
+    return tw, th
 
 
 def _open_checked(path: str):

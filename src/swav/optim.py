@@ -167,12 +167,12 @@ class LARS(torch.optim.Optimizer):
     def _momentum(self, b: "_LarsBucket", momentum: float, skip: torch.Tensor | None):
         """buf = momentum buf + g' (buf = g' on a parameter's first step); None: skipped on the
         first step (read on the host: the buffers must not exist after it)."""
-        states = [self.state[p] for p in b.params]
-        fresh = [i for i, st in enumerate(states) if "momentum_buffer" not in st]
+        fresh = [i for i, p in enumerate(b.params) if "momentum_buffer" not in self.state.get(p, {})]
         if fresh and skip is not None and bool(skip):
             return None
         for i in fresh:
-            states[i]["momentum_buffer"] = b.update[i].clone()
+            self.state[b.params[i]]["momentum_buffer"] = b.update[i].clone()
+        states = [self.state[p] for p in b.params]
         old = [i for i in range(len(states)) if i not in set(fresh)]
         if old:
             bufs = [states[i]["momentum_buffer"] for i in old]

@@ -1,0 +1,155 @@
+"""A non-finite step is undone exactly without the host reading the verdict (issue 22): LARS takes
+the device-side flag and leaves parameters and momentum bit for bit; the other optimizers, the
+GradScaler and the per-group ``lars_exclude`` flag (the optim.py contract with issue 21)."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+
+import swav.step as step_mod
+from swav.benchmark import _learner, synthetic_images
+from swav.config import make_config
+from swav.data.multicrop import slice_params
+from swav.optim import LARS
+
+
+def _net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    return net.to(memory_format=torch.channels_last)  # strided parameters: the flat views follow them
+
+
+def _lars(net, **kw):
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    rest = [p for p in net.parameters() if p.ndim <= 1]
+    return LARS([{"params": decay}, {"params": rest, "lars_exclude": True, "weight_decay": 0.0}],
+                lr=0.3, momentum=0.9, weight_decay=1e-4, eta=0.02, **kw)
+
+
+def _grads(net, seed):
+    net.zero_grad(set_to_none=True)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    net(x).pow(2).mean().backward()
+
+
+def _state(net, opt):
+    return [p.detach().clone() for p in net.parameters()], [opt.state[p]["momentum_buffer"].clone()
+                                                           for p in net.parameters()]
+
+
+def test_lars_skip_flag_leaves_everything_bit_for_bit():
+    """Steps a, (poisoned, flagged), b give exactly the parameters and momentum of steps a, b."""
+    runs = []
+    for poisoned in (False, True):
+        net = _net()
+        opt = _lars(net)
+        for seed in ([1, 99, 2] if poisoned else [1, 2]):
+            _grads(net, seed)
+            bad = seed == 99
+            if bad:
+                for p in net.parameters():
+                    p.grad.fill_(float("nan"))
+            opt.step(found_inf=torch.tensor(float(bad)))
+        runs.append(_state(net, opt))
+    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+        assert torch.equal(a, b)
+
+
+def test_lars_first_step_skipped_creates_no_state():
+    net = _net()
+    opt = _lars(net)
+    _grads(net, 1)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt.step(found_inf=torch.tensor(1.0))
+    assert len(opt.state) == 0 and all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+def test_lars_exclude_group_is_plain_sgd_for_every_shape():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+    w0, g = w.detach().clone(), torch.randn(3, 4, dtype=torch.float64)
+    v = nn.Parameter(w0.clone())
+    opt = LARS([{"params": [w], "lars_exclude": True, "weight_decay": 0.0}, {"params": [v]}], lr=0.2,
+               weight_decay=0.1)
+    w.grad, v.grad = g.clone(), g.clone()
+    opt.step()
+    torch.testing.assert_close(w.detach(), w0 - 0.2 * g, rtol=1e-15, atol=1e-15)
+    local = 0.001 * w0.norm() / (g.norm() + 0.1 * w0.norm() + 1e-8)  # the other group: the LARS rule
+    torch.testing.assert_close(v.detach(), w0 - 0.2 * local * (g + 0.1 * w0), rtol=1e-15, atol=1e-15)
+
+
+def test_lars_steady_state_step_reads_nothing_on_the_host(monkeypatch):
+    net = _net()
+    opt = _lars(net)
+    _grads(net, 1)
+    opt.step(found_inf=torch.tensor(0.0))  # the first step creates the momentum buffers
+    _grads(net, 2)
+    flag = torch.zeros(())
+    seen = collections.Counter()
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: (seen.update([_n]), _r(self, *a, **k))[1])
+    monkeypatch.setattr(torch, "tensor", lambda *a, _r=torch.tensor, **k: (seen.update(["torch.tensor"]), _r(*a, **k))[1])
+    opt.step(found_inf=flag)
+    assert not seen, dict(seen)
+
+
+def test_lars_under_grad_scaler_takes_its_overflow_on_the_device():
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch < 2.3 has no CPU GradScaler")
+    net = _net()
+    opt = _lars(net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x = torch.randn(8, 3, 8, 8)
+    for huge in (False, True):
+        net.zero_grad(set_to_none=True)
+        scaler.scale(net(x).pow(2).mean() * (1e38 if huge else 1.0)).backward()
+        before = _state(net, opt) if huge else None
+        scaler.step(opt)  # not unscaled: LARS divides by grad_scale itself
+        scaler.update()
+    after = _state(net, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[0] + before[1], after[0] + after[1]))
+    assert scaler.get_scale() == 2.0 ** 9
+
+
+@pytest.mark.parametrize("optimizer, precision", [("lars", "fp16"), ("adamw", "fp32"), ("sgd", "fp32")])
+def test_a_bad_step_leaves_the_optimizer_and_scaler_as_before(optimizer, precision):
+    """train_step with a non-finite loss: the model, the optimizer's state (momentum, AdamW's step
+    counts and moments) and the GradScaler's scale and growth count are what they were."""
+    if precision == "fp16" and not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch < 2.3 has no CPU GradScaler")
+    cfg = make_config("smoke", overrides=[f"optim.optimizer={optimizer}", f"train.precision={precision}"])
+    learner, _ = _learner(cfg, torch.device("cpu"), 1, precision)
+    images = synthetic_images(16, 1, 28, 28)
+    params = slice_params(learner.multicrop.sample_params(16, torch.Generator().manual_seed(0)), 0, 16)
+    for _ in range(2):
+        assert step_mod.train_step(learner, images, None, params, 0.1).applied
+    model = {k: v.clone() for k, v in learner.raw_model.state_dict().items()}
+    opt = {k: v.clone() for k, v in _flat(learner.optimizer.state_dict()).items()}
+    scaler = {k: v.clone() for k, v in vars(learner.scaler).items() if isinstance(v, torch.Tensor)} \
+        if learner.scaler is not None else {}
+    real = step_mod.swav_objective
+    step_mod.swav_objective = lambda *a, **k: (lambda lf: (lf[0] * float("nan"), lf[1]))(real(*a, **k))
+    try:
+        out = step_mod.train_step(learner, images, None, params, 0.1)
+    finally:
+        step_mod.swav_objective = real
+    assert not out.applied and out.causes == ["loss"]
+    for k, v in learner.raw_model.state_dict().items():
+        if k != "prototypes.weight":  # a step starts by putting the prototypes back on the sphere
+            assert torch.equal(v, model[k]), k
+    got = _flat(learner.optimizer.state_dict())
+    assert got.keys() == opt.keys() and all(torch.equal(got[k], opt[k]) for k in opt)
+    for k, v in scaler.items():
+        assert torch.equal(getattr(learner.scaler, k), v), k
+
+
+def _flat(state_dict: dict) -> dict:
+    out = {}
+    for p, st in state_dict["state"].items():
+        for k, v in st.items():
+            out[f"{p}.{k}"] = torch.as_tensor(v)
+    return out

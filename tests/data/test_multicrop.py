@@ -498,3 +498,21 @@ def test_erasing_probability_and_validation():
     for bad in ((0.0, 0.3), (0.4, 0.3), (0.1, 1.0)):
         with pytest.raises(ValueError, match="erase scale"):
             MultiCrop([16], [2], [0.5], [1.0], erase_prob=0.5, erase_scale=bad)
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_channels_last_batches_give_the_same_crops(sync_free):
+    """The loader's batches lie in (N, H, W, C) memory (no transposition in the workers): the crops
+    (windows and whole-image resampling, the eval transform) equal those of the same batch in NCHW."""
+    g = torch.Generator().manual_seed(3)
+    images = (torch.rand(6, 3, 50, 70, generator=g) * 255).to(torch.uint8)
+    sizes = torch.tensor([[50, 70], [40, 70], [50, 33], [17, 21], [50, 64], [45, 45]])
+    mc = MultiCrop([32, 12], [2, 3], [0.3, 0.05], [1.0, 0.3], blur_prob=0.5)
+    mc.sync_free = sync_free
+    params = mc.sample_params(6, torch.Generator().manual_seed(4))
+    nhwc = images.contiguous(memory_format=torch.channels_last)
+    assert nhwc.stride(1) == 1 and torch.equal(nhwc, images)
+    for a, b in zip(mc(images, sizes, params), mc(nhwc, sizes, params)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ev = EvalTransform(24, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    torch.testing.assert_close(ev(images, sizes), ev(nhwc, sizes), rtol=1e-5, atol=1e-5)

@@ -11,7 +11,17 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-__all__ = ["Batch", "Skipped"]
+__all__ = ["Batch", "Skipped", "pinned"]
+
+
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in page-locked memory, for a copy to a GPU that does not block: as it is when it is
+    there already, else a copy in the same memory layout (channels-last batches stay so)."""
+    if t.is_pinned():
+        return t
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
+    return t.pin_memory()
 
 
 @dataclass(frozen=True)
@@ -28,7 +38,7 @@ class Batch:
     """A batch of images.
 
     images:  uint8 ``(N, C, H, W)``, zero-padded (bottom/right) to the largest
-             H and W in the batch;
+             H and W in the batch (from image files: in channels-last memory, as decoded);
     sizes:   int64 ``(N, 2)``, each image's true ``(h, w)`` before padding;
     labels:  int64 ``(N,)``, ``-1`` = unknown;
     indices: int64 ``(N,)``, dataset indices;
@@ -49,7 +59,7 @@ class Batch:
         """Page-locked copies of the tensors (for fast non-blocking copies to a GPU)."""
         return replace(
             self,
-            images=self.images.pin_memory(),
+            images=pinned(self.images),
             sizes=self.sizes.pin_memory(),
             labels=self.labels.pin_memory(),
             indices=self.indices.pin_memory(),

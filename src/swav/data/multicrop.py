@@ -107,9 +107,21 @@ def _resample_matrix(start: torch.Tensor, length: torch.Tensor, lo: torch.Tensor
     return w / torch.where(total > 0, total, torch.ones_like(total))
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x (N, C, H, W), C > 1, lies in memory as (N, H, W, C) (the loader's batches do)."""
+    return x.shape[1] > 1 and x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _resample(src: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
-    """``out[n, c] = wy[n] @ src[n, c] @ wx[n].T``; src (N, C, H, W) float, wy (N, S, H), wx (N, S', W)."""
-    # contract the width first: (N, C, H, W) @ (N, 1, W, S') -> (N, C, H, S'); src is never copied
+    """``out[n, c] = wy[n] @ src[n, c] @ wx[n].T``; src (N, C, H, W) float, wy (N, S, H), wx (N, S', W);
+    out (N, C, S, S') contiguous. src is never copied: in NCHW memory the width is contracted
+    first, in NHWC memory the rows first, on the (H, W * C) matrix of each image."""
+    if _channels_last(src):
+        n, c, h, w = src.shape
+        rows = torch.matmul(wy, src.permute(0, 2, 3, 1).reshape(n, h, w * c))  # (N, S, W * C)
+        rows = rows.view(n, -1, w, c).permute(0, 3, 1, 2)  # (N, C, S, W): transposes only this
+        return torch.matmul(rows, wx.transpose(1, 2)[:, None])
+    # contract the width first: (N, C, H, W) @ (N, 1, W, S') -> (N, C, H, S')
     tmp = torch.matmul(src, wx.transpose(1, 2)[:, None])
     return torch.matmul(wy[:, None], tmp)
 
@@ -472,9 +484,15 @@ class MultiCrop(nn.Module):
         if lh < hp or lw < wp:
             oy = torch.clamp(y0, max=hp - lh)
             ox = torch.clamp(x0, max=wp - lw)
-            iy = (oy[:, None] + torch.arange(lh, device=oy.device)).view(n, 1, lh, 1).expand(n, c, lh, wp)
-            ix = (ox[:, None] + torch.arange(lw, device=ox.device)).view(n, 1, 1, lw).expand(n, c, lh, lw)
-            src = images.gather(2, iy).gather(3, ix).float()  # gathered while still uint8
+            ry = oy[:, None] + torch.arange(lh, device=oy.device)
+            rx = ox[:, None] + torch.arange(lw, device=ox.device)
+            if _channels_last(images):  # gathered as (N, H, W, C), while still uint8
+                hwc = images.permute(0, 2, 3, 1)
+                win = hwc.gather(1, ry.view(n, lh, 1, 1).expand(n, lh, wp, c))
+                src = win.gather(2, rx.view(n, 1, lw, 1).expand(n, lh, lw, c)).float().permute(0, 3, 1, 2)
+            else:
+                win = images.gather(2, ry.view(n, 1, lh, 1).expand(n, c, lh, wp))
+                src = win.gather(3, rx.view(n, 1, 1, lw).expand(n, c, lh, lw)).float()
             y0, x0 = y0 - oy, x0 - ox
         else:
             if not source:

@@ -17,14 +17,9 @@ from typing import Iterable, Iterator
 
 import torch
 
-from swav.data.batch import Batch
+from swav.data.batch import Batch, pinned
 
 __all__ = ["DeviceFeeder", "pinned", "to_device"]
-
-
-def pinned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in page-locked memory (as is when already there), for a copy that does not block."""
-    return t if t.is_pinned() else t.pin_memory()
 
 
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:

@@ -103,6 +103,11 @@ CASES = [
      None),
     ("export-write-fails", ["export"], "{run} --format official --out {tmp}/big.pt", 1, "File too large",
      {"fsize": 4096}),
+    # -- prepare
+    ("prepare-missing-source", ["prepare"], "{tmp}/no_such_folder --out {tmp}/prep0", 2, "does not exist", None),
+    ("prepare", ["prepare"], "{imgs} --out {tmp}/prep1 --workers 0", 0, "image(s) in", None),
+    ("prepare-write-fails", ["prepare"], "{imgs} --out {tmp}/prep2 --workers 0", 1, "File too large",
+     {"fsize": 64}),
     # -- bench
     ("bench-bad-steps", ["bench"], "--preset smoke --steps 0 --device cpu", 2, "steps must be >= 1", PROC),
     ("bench-set-typo", ["bench"], "--preset smoke --set train.epoch=1", 2, "did you mean 'train.epochs'", None),

@@ -137,6 +137,7 @@ CASES = [
     ("bench", ["bench", "--preset", "smoke", "--steps", "1", "--warmup", "0", "--matmul-size", "64", "--threads", "1",
                "--json", "--device", "cpu", "--precision", "fp32"], 0, '"images_per_s"'),
     ("presets", ["presets"], 0, "smoke"),
+    ("prepare", ["prepare", "{imgs}", "--out", "{tmp}/prepared", "--workers", "0"], 0, "image(s) in"),
 ]
 
 

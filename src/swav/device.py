@@ -78,16 +78,16 @@ def resolve_channels_last(setting: bool | str, device: torch.device, precision: 
 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
-    """``train.compile``: ``auto`` -> on a CUDA device when Triton (torch.compile's GPU code
-    generator) is importable, off elsewhere (on a CPU compiling costs minutes for a step that
+    """``train.compile``: ``auto`` -> on a CUDA device where Triton (torch.compile's GPU code
+    generator) is installed and supports the GPU, off elsewhere (on a CPU compiling costs minutes for a step that
     oneDNN already runs well). Not measured here on a GPU: bench/gpu_check.py times both."""
     if setting != "auto":
         return bool(setting)
     if device.type != "cuda":
         return False
-    import importlib.util
+    from torch.utils._triton import has_triton  # torch.compile's own check: Triton and a GPU it supports
 
-    return importlib.util.find_spec("triton") is not None
+    return has_triton()
 
 
 def configure_backends(device: torch.device) -> None:

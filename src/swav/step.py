@@ -147,7 +147,7 @@ class StepOutcome:
     batch_size: int              # images of this rank in the step
     applied: torch.Tensor        # 0-dim bool on the device: the update was made (False: a non-finite step, undone)
     flags: torch.Tensor          # (3,) bool on the device: this rank's non-finite loss, BatchNorm statistics, gradients
-    signalled: bool              # a stop signal reached this rank (one process; in a group see group_flags)
+    signalled: bool              # one process: a stop signal reached it (in a group: False, see group_flags)
     skipped_files: int           # unusable files of this rank in this step
     group_flags: torch.Tensor | None = None  # in a group, on the device: (stop signals, unusable files) over ranks
 
@@ -232,7 +232,10 @@ def _update_or_undo(L: Learner, loss, full, batch, signalled, skipped_files, que
         L.scaler._scale.copy_(torch.where(bad, scale, L.scaler._scale))
         L.scaler._growth_tracker.copy_(torch.where(bad, tracker, L.scaler._growth_tracker))
     L.nan_guard.observe(bad, flags, step)
-    return StepOutcome(loss.detach(), full, batch, ~bad, flags, bool(signalled), int(skipped_files), group_flags)
+    # in a group a rank's own signal must not stop it alone: every rank stops where the summed
+    # signals are read (group_flags, at the trainer's read points)
+    alone = bool(signalled) and L.world == 1
+    return StepOutcome(loss.detach(), full, batch, ~bad, flags, alone, int(skipped_files), group_flags)
 
 
 def _scaler_overflow(L: Learner) -> torch.Tensor | None:

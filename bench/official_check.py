@@ -118,8 +118,7 @@ def _setup(args):
     model = resnet_models.__dict__[args.arch](normalize=True, hidden_mlp=args.hidden_mlp, output_dim=128,
                                               nmb_prototypes=args.prototypes).to(device)
     if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # as main_swav.py sets it (its model stays NCHW, as there)
     sgd = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-6)
     optimizer = main_swav.LARC(optimizer=sgd, trust_coefficient=0.001, clip=False)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if device.type == "cuda" else None)

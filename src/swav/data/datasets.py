@@ -255,6 +255,19 @@ def _open_checked(path: str):
         raise BadImageError(f"cannot open: {e.strerror or e}") from None
 
 
+def _upright(im: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; in place (the copy an upright image would
+    get costs as much as a small image's decode)."""
+    try:
+        try:
+            ImageOps.exif_transpose(im, in_place=True)
+        except TypeError:  # Pillow < 9.4: no in_place
+            im = ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block: keep the pixels as stored
+        pass
+    return im
+
+
 def _decode_pixels(f, in_chans: int, min_size: int, max_side: int, mean_side: int,
                    max_pixels: int) -> np.ndarray:
     """Decode an open file to a uint8 ``(H, W, C)`` array at its decode size (BadImageError)."""
@@ -279,10 +292,7 @@ def _decode_pixels(f, in_chans: int, min_size: int, max_side: int, mean_side: in
         if im.format == "JPEG" and size != (w, h):
             im.draft(im.mode, size)  # DCT-domain reduction by 1/2, 1/4 or 1/8, never below `size`
         im.load()  # full decode: a truncated file raises here
-        try:
-            im = ImageOps.exif_transpose(im)
-        except Exception:  # a broken EXIF block: keep the pixels as stored
-            pass
+        im = _upright(im)
         size = target_size(*im.size, max_side, mean_side)
         if size != im.size and im.mode == ("RGB" if in_chans == 3 else "L") and not _has_alpha(im):
             im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)  # resize what is decoded

@@ -58,6 +58,23 @@ def test_lars_skip_flag_leaves_everything_bit_for_bit():
         assert torch.equal(a, b)
 
 
+def test_lars_spread_factors_equal_per_tensor_factors(monkeypatch):
+    """The GPU's way of applying the trust ratios (spread over one flat buffer) gives the CPU's."""
+    import swav.optim as optim
+
+    runs = []
+    for spread in ((), ("cpu",)):
+        monkeypatch.setattr(optim._LarsBucket, "SPREAD_ON", spread)
+        net = _net()
+        opt = _lars(net)
+        for seed in (1, 2, 3):
+            _grads(net, seed)
+            opt.step(found_inf=torch.tensor(0.0))
+        runs.append(_state(net, opt))
+    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_lars_first_step_skipped_creates_no_state():
     net = _net()
     opt = _lars(net)

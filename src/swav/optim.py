@@ -75,9 +75,9 @@ class LARS(torch.optim.Optimizer):
 
     The step is a few kernels and never waits for the host: the lists of each group (parameters,
     which are adapted, their sizes, a flat buffer for the updates) are built once per set of
-    parameters with gradients; the trust ratios stay on the device and reach each element through
-    one flat buffer (``repeat_interleave``), so every operation is one ``_foreach`` call or one
-    kernel over all parameters. ``step(found_inf=flag)`` (a device tensor; also taken from the
+    parameters with gradients; the trust ratios stay on the device and, on a GPU, reach each
+    element through one flat buffer (``repeat_interleave``), so every operation is one ``_foreach``
+    call or one kernel over all parameters. ``step(found_inf=flag)`` (a device tensor; also taken from the
     ``found_inf`` attribute that ``torch.amp.GradScaler.step`` sets) applies the step only where
     ``flag`` is 0: where it is not, parameters and momentum buffers stay bit for bit as they were,
     decided on the device. Only the step that creates a parameter's momentum buffer reads the flag
@@ -148,9 +148,9 @@ class LARS(torch.optim.Optimizer):
         trust = torch.where(ok, lars_local_lr(p_norm, g_norm, wd, eta), 1.0).to(b.dtype)
         decay = ok.to(b.dtype) * wd
         torch._foreach_copy_(b.update, b.params)
-        b.flat.mul_(b.expand(decay))  # d w
+        b.scale_(decay)  # d w
         torch._foreach_add_(b.update, grads)  # + g
-        b.flat.mul_(b.expand(trust))  # * t
+        b.scale_(trust)  # * t
         if skip is not None:
             b.flat.masked_fill_(skip, 0.0)  # NaN-safe: a skipped step adds nothing
         if momentum != 0.0:
@@ -161,8 +161,10 @@ class LARS(torch.optim.Optimizer):
             steps = b.update
         if skip is None:
             torch._foreach_add_(b.params, steps, alpha=-lr)
-        else:
+        elif b.device.type in b.SPREAD_ON:
             torch._foreach_add_(b.params, torch._foreach_mul(steps, (~skip).to(b.dtype) * -lr))
+        else:  # one fused pass per parameter: w += step * (-lr or 0)
+            torch._foreach_addcmul_(b.params, steps, [(~skip).to(b.dtype) * -lr] * len(steps))
 
     def _momentum(self, b: "_LarsBucket", momentum: float, skip: torch.Tensor | None):
         """buf = momentum buf + g' (buf = g' on a parameter's first step); None: skipped on the
@@ -187,6 +189,8 @@ class _LarsBucket:
     each is adapted, their element counts (for spreading per-parameter factors over a flat buffer)
     and that flat buffer, with one view shaped (and strided) like each parameter."""
 
+    SPREAD_ON = ("cuda",)  # device types whose per-parameter factors are spread over the flat buffer
+
     def __init__(self, params: list[torch.Tensor], adapted: list[bool]):
         self.params = params
         self.device, self.dtype = params[0].device, params[0].dtype
@@ -207,9 +211,15 @@ class _LarsBucket:
         """``value`` as a 0-dim tensor of the bucket's dtype on its device (a fill, not a copy)."""
         return torch.full((), value, dtype=self.dtype, device=self.device)
 
-    def expand(self, per_param: torch.Tensor) -> torch.Tensor:
-        """(P,) factors -> one per element of the flat buffer (no host read: the size is known)."""
-        return torch.repeat_interleave(per_param, self.numels, output_size=self.total)
+    def scale_(self, per_param: torch.Tensor) -> None:
+        """Multiply each parameter's update by its factor ((P,), on the device). On a GPU the
+        factors are spread over the flat buffer (one ``repeat_interleave`` of known size, no host
+        read) and applied by one kernel; on a CPU, where a kernel call costs little and memory
+        passes are what counts, each update is multiplied by its own 0-dim factor."""
+        if self.device.type in self.SPREAD_ON:
+            self.flat.mul_(torch.repeat_interleave(per_param, self.numels, output_size=self.total))
+        else:
+            torch._foreach_mul_(self.update, list(per_param.unbind()))
 
 
 def _split_decay(model: nn.Module, no_weight_decay=()) -> tuple[list, list]:

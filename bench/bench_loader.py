@@ -68,7 +68,7 @@ def _long_list(folder: Path, at_least: int) -> Path:
 
 def _loader_rate(src: Path, folder: Path, opts: dict, batch: int = 16) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1"}
-    big = "12" in folder.name and "prepared" not in folder.name
+    big = folder.name.startswith("p12mp") and "prep" not in folder.name
     listed = _long_list(folder, 32 if big else 512)
     proc = subprocess.run([sys.executable, "-c", CHILD, str(listed), json.dumps(opts), str(batch)], env=env,
                           capture_output=True, text=True)
@@ -77,11 +77,11 @@ def _loader_rate(src: Path, folder: Path, opts: dict, batch: int = 16) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _prepare(src_folder: Path, out: Path, workers: int) -> float:
+def _prepare(src_folder: Path, out: Path, workers: int, quality: int = 90) -> float:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "swav.cli", "prepare", str(src_folder), "--out", str(out), "--workers",
-                    str(workers)], env=env, check=True, capture_output=True)
+                    str(workers), "--quality", str(quality)], env=env, check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer images (a smoke run of the script)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--lower-quality", type=int, nargs="*", default=[85, 80],
+                    help="also time swav prepare's output at these JPEG qualities (default 85 80)")
     args = ap.parse_args()
     base = Path(args.dir)
     n_big, n_small = (8, 32) if args.quick else (32, 256)
@@ -113,6 +115,10 @@ def main() -> None:
         prep_times[w] = _prepare(folders["12 MP (4000x3000)"][0], out, w)
     if not prepared.exists():
         os.rename(base / f"p12mp-{n_big}-prep2", prepared)
+    lower = {q: base / f"p12mp-{n_big}-prepared-q{q}" for q in args.lower_quality}
+    for q, out in lower.items():
+        if not out.exists():
+            _prepare(folders["12 MP (4000x3000)"][0], out, 2, q)
     old, new = before_src(), REPO / "src"
     configs = [("before (full decode, pad to largest)", old, {"in_chans": 3}),
                ("after, data.max_side=0", new, {**auto, "max_side": 0, "mean_side": 0}),
@@ -124,9 +130,10 @@ def main() -> None:
                 res = _loader_rate(src, folder, opts)
                 key = (name, label)
                 rows[key] = max(rows.get(key, {"images_per_s": 0}), res, key=lambda d: d["images_per_s"])
-        res = _loader_rate(new, prepared, auto)
-        key = ("12 MP, swav prepare's output", "after, defaults (auto)")
-        rows[key] = max(rows.get(key, {"images_per_s": 0}), res, key=lambda d: d["images_per_s"])
+        for label, folder in [("", prepared)] + [(f" (--quality {q})", f) for q, f in lower.items()]:
+            res = _loader_rate(new, folder, auto)
+            key = ("12 MP, swav prepare's output" + label, "after, defaults (auto)")
+            rows[key] = max(rows.get(key, {"images_per_s": 0}), res, key=lambda d: d["images_per_s"])
     n = folders["12 MP (4000x3000)"][2]
     print(f"loader, 1 worker, batches of 16, best of {args.rounds} rounds ({os.cpu_count()} CPUs)")
     for (name, label), res in rows.items():

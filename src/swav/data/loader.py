@@ -39,15 +39,6 @@ def _empty_batch(channels: int, skipped: list[Skipped] | None = None) -> Batch:
     )
 
 
-def _canvas(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised uint8 tensor; in a data-loader worker in shared memory already (as torch's
-    default collate does), so handing the batch to the main process copies nothing."""
-    if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(max(1, math.prod(shape)))
-    return torch.empty(0, dtype=torch.uint8).set_(storage, 0, shape)
-
-
 def pad_collate(items: Sequence, channels: int | None = None) -> Batch:
     """Collate ``(image CxHxW, label, index)`` items and :class:`Skipped`
     records into a :class:`Batch`, zero-padding images to the largest H, W.
@@ -69,7 +60,7 @@ def pad_collate(items: Sequence, channels: int | None = None) -> Batch:
     c = chans.pop()
     hw = [(int(img.shape[1]), int(img.shape[2])) for img, _, _ in good]
     hmax, wmax = max(h for h, _ in hw), max(w for _, w in hw)
-    canvas = _canvas((len(good), hmax, wmax, c))  # (N, H, W, C): each image's rows are copied whole
+    canvas = torch.empty((len(good), hmax, wmax, c), dtype=torch.uint8)  # (N, H, W, C): rows copied whole
     for k, ((img, _, _), (h, w)) in enumerate(zip(good, hw)):
         canvas[k, :h, :w] = img.permute(1, 2, 0)
         canvas[k, h:] = 0

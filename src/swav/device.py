@@ -79,8 +79,9 @@ def resolve_channels_last(setting: bool | str, device: torch.device, precision: 
 
 def resolve_compile(setting: bool | str, device: torch.device) -> bool:
     """``train.compile``: ``auto`` -> on a CUDA device where Triton (torch.compile's GPU code
-    generator) is installed and supports the GPU, off elsewhere (on a CPU compiling costs minutes for a step that
-    oneDNN already runs well). Not measured here on a GPU: bench/gpu_check.py times both."""
+    generator) is installed and supports the GPU, off elsewhere (on a CPU compiling costs minutes
+    for a step that oneDNN already runs well). Not measured here on a GPU: bench/gpu_check.py
+    times both."""
     if setting != "auto":
         return bool(setting)
     if device.type != "cuda":

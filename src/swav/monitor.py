@@ -447,7 +447,7 @@ class NaNGuard:
         self.consecutive = 0
         self.bad_steps_total = 0
         # on the device: [bad steps since the last read, current run, longest run since the last
-        # read] and the causes of the last bad step
+        # read, number of the last bad step] and the causes of the last bad step
         self._counts: torch.Tensor | None = None
         self._causes: torch.Tensor | None = None
 

@@ -62,7 +62,7 @@ class DataConfig:
     min_size: int = _f(0, "skip images smaller than this many pixels on either side (0 = keep all)")
     max_side: int | str = _f("auto", "decode images at the size the crops need, in the workers: auto = "
                                      "shrink each image to a geometric-mean side D = max over crop groups of "
-                                     "size / sqrt(3/4 * min_scale) (691 px for the paper's 224 px crops at "
+                                     "size / sqrt(3/4 * min_scale) (692 px for the paper's 224 px crops at "
                                      "scale 0.14; at most 6x the largest crop), longer side at most 2D: the "
                                      "smallest box a crop can draw, of any aspect ratio, still has at least "
                                      "its output's pixels, so no crop loses detail; N = longer side at most "

@@ -51,8 +51,9 @@ Decoding rules (:func:`decode_image`):
   :func:`crop_decode_side` gives the D that multi-crop needs and
   :func:`decode_sizes` turns a ``data.max_side`` setting into both numbers.
 
-Images come back as ``(C, H, W)`` views of the decoder's ``(H, W, C)`` memory:
-the transposition happens once, when a batch is collated.
+Images come back as ``(C, H, W)`` views of the decoder's ``(H, W, C)`` memory,
+and batches keep that layout (channels-last): pixels are never transposed on
+the host.
 """
 
 from __future__ import annotations
@@ -185,13 +186,13 @@ def crop_decode_side(size_crops: Sequence[int], min_scale_crops: Sequence[float]
 
     Why: crop group g draws a box of area ``s * h * w`` (s >= smin_g) and aspect r in [3/4, 4/3] and
     resamples it to S_g x S_g. Its shorter side is at least ``sqrt(smin_g * h * w * 3/4)``; in an
-    image of area D^2 that is >= S_g, so every box still holds at least S_g pixels on each side:
-    the crop is a downscale of the decoded image, whose detail (up to its Nyquist limit) is all the
-    crop's output can represent, as it would be from the full-size image. Only a box that the
-    full-size image would also have upsampled (too small a photo) sees a difference: none, the
-    photo is then not shrunk. The bound 6 x the largest crop side (reached only below a min scale
-    of 0.037 for the largest crops) keeps a run's memory and decode time in proportion to its
-    crops."""
+    image of area D^2 that is >= S_g, so every box still holds at least S_g pixels on each side and
+    every crop is a downscale of the decoded image. A crop of S_g pixels over a box can show detail
+    only up to S_g / 2 cycles across it; the decoded image keeps up to D-scale Nyquist, which for
+    every box is at least that: the crop sees what it would see in the full-size photo (up to the
+    resampling filters). A photo smaller than D^2 is not shrunk at all. The bound 6 x the largest
+    crop side (reached only below a min scale of 0.037 for the largest crops) keeps a run's memory
+    and decode time in proportion to its crops."""
     groups = [(int(sz), float(sm)) for k, (sz, sm) in enumerate(zip(size_crops, min_scale_crops))
               if nmb_crops is None or int(nmb_crops[k]) > 0]
     if not groups:

@@ -129,7 +129,8 @@ def _folders(root: Path, dry: bool, procs: int) -> tuple[Path, Path, float]:
     prepared = root / f"prepared-{size[0]}x{size[1]}-{n}"
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "swav.cli", "prepare", str(raw.parent), "--out", str(prepared),
-                    "--workers", str(procs), *sum((["--set", s] for s in (TINY[:2] if dry else [])), [])],
+                    "--workers", str(procs), "--preset", "smoke" if dry else "imagenet-bs256",
+                    *sum((["--set", s] for s in (TINY[:2] if dry else [])), [])],
                    check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
     return raw.parent, prepared, time.perf_counter() - t0
 

@@ -26,6 +26,7 @@ def test_bench_smoke_json(capsys):
     assert abs(sum(r["phase_fraction"].values()) - 1.0) < 0.05  # the phases cover the step
     assert 0 < r["fraction_of_fp32_matmul"] < 10
     assert set(r["forward_mflop_per_crop"]) == {"28", "16"}
+    assert r["model"].startswith("resnet18 (width 8")  # the family's own words for its settings
 
 
 def test_flop_counter_matches_a_hand_count():

@@ -404,7 +404,7 @@ def _results(cfg, device, precision, world, b, data_desc, steps, warmup, flops, 
         "preset": cfg.preset, "device": str(device), "device_name": device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "world_size": world,
         "precision": precision,
-        "arch": cfg.model.arch, "width_per_group": cfg.model.width_per_group,
+        "arch": cfg.model.arch, "width_per_group": cfg.model.width_per_group, "model": _model_words(cfg),
         "batch_size": cfg.train.batch_size, "batch_per_process": b,
         "crops": "+".join(f"{n}x{s}" for n, s in zip(a.nmb_crops, a.size_crops)),
         "nmb_prototypes": cfg.model.nmb_prototypes, "queue_length": cfg.swav.queue_length,
@@ -434,6 +434,15 @@ def _results(cfg, device, precision, world, b, data_desc, steps, warmup, flops, 
     return res
 
 
+def _model_words(cfg) -> str:
+    """``arch (its family's description)``: ``resnet50 (width 64)``, ``timm/vit_small_patch16_224 (timm, ...)``."""
+    import dataclasses
+
+    from swav.models import family_of
+
+    return f"{cfg.model.arch} ({', '.join(family_of(cfg.model.arch).describe(cfg.model.arch, dataclasses.asdict(cfg.model)))})"
+
+
 def format_report(r: dict) -> str:
     """A human-readable summary of a :func:`run_benchmark` result."""
     ph = r["phases_ms"]
@@ -441,7 +450,7 @@ def format_report(r: dict) -> str:
     lines = [
         f"swav bench | {r['preset'] or 'custom'} | {r['device']} ({r['device_name']}), {r['threads']} threads, "
         f"{r['world_size']} process(es) | torch {r['torch']}",
-        f"  {r['arch']} w{r['width_per_group']}, crops {r['crops']}, K {r['nmb_prototypes']}, queue "
+        f"  {r['model']}, crops {r['crops']}, K {r['nmb_prototypes']}, queue "
         f"{r['queue_length']}, batch {r['batch_size']} ({r['batch_per_process']}/process), {r['precision']}"
         f"{', channels_last' if r['channels_last'] else ''}{', compiled' if r['compile'] else ''}",
         f"  data: {r['data']}; {r['steps']} timed steps after {r['warmup']} warm-up",

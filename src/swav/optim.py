@@ -248,6 +248,8 @@ def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float =
             and, for LARS, out of the trust ratio: for a module, a second parameter group with
             ``weight_decay=0`` (and ``lars_exclude=True`` for LARS).
         no_weight_decay: full parameter names of ``model_or_params`` (a module) to exclude too.
+
+    SGD and AdamW on CUDA parameters use torch's fused implementation (``fused=True``).
     """
     module = model_or_params if isinstance(model_or_params, nn.Module) else None
     if module is not None:
@@ -270,9 +272,16 @@ def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float =
     if key == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta,
                     exclude_bias_and_bn=exclude_bias_and_bn and module is None and not groups_given)
+    # torch's fused kernels on CUDA: a few kernels a step, and a skip flag on the device
+    # (found_inf, see swav.step), so a non-finite step never makes the host wait
+    fused = {"fused": True} if all(p.is_cuda for p in _flat(params)) else {}
     if key == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
+
+
+def _flat(params: list) -> list[torch.Tensor]:
+    return [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
 
 
 def cosine_schedule(base_lr: float, final_lr: float, epochs: float, steps_per_epoch: int,

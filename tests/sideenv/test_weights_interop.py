@@ -153,6 +153,7 @@ def test_bench_and_report_on_a_timm_run(tmp_path, fake_fmnist, capsys):
                           "16", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["arch"] == "timm/vit_tiny_patch16_224" and res["forward_mflop_per_crop"]["28"] > 0
+    assert res["model"].startswith("timm/vit_tiny_patch16_224 (timm") and "width" not in res["model"]
     out = tmp_path / "run"
     assert swav.cli.main(["pretrain", "--preset", "fashion-mnist-vit", "--out", str(out), "--epochs", "1",
                           "--batch-size", "32", "--set", f"data.root={fake_fmnist}", "--set", "data.subset=64",

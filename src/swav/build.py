@@ -84,7 +84,7 @@ def build_training_state(cfg: Config, device: torch.device, world: int, precisio
         log.info("%s", report.line())
     has_bn = any(isinstance(x, torch.nn.modules.batchnorm._BatchNorm) for x in model.modules())
     if world > 1 and cfg.model.sync_bn and has_bn:
-        model = dist_utils.convert_sync_batchnorm(model, device.type)
+        model = dist_utils.convert_sync_batchnorm(model, device.type, family.sync_norm_layer)
     model = model.to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

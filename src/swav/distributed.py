@@ -40,6 +40,9 @@ __all__ = [
     "all_gather_cat",
     "broadcast_object",
     "gather_objects",
+    "CPUSyncBatchNorm",
+    "cpu_sync_batchnorm",
+    "convert_sync_batchnorm",
 ]
 
 SLURM_PORT_BASE = 15000
@@ -414,42 +417,63 @@ class CPUSyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+def cpu_sync_batchnorm(layer: torch.nn.modules.batchnorm._BatchNorm, cls: type = CPUSyncBatchNorm):
+    """A ``cls`` (:class:`CPUSyncBatchNorm` or a subclass) with ``layer``'s settings, parameters,
+    running statistics and training mode: the same state-dict keys (its own, not its children's)."""
+    out = cls(layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
+    with torch.no_grad():
+        if layer.affine:
+            out.weight.copy_(layer.weight)
+            out.bias.copy_(layer.bias)
+        if layer.track_running_stats:
+            out.running_mean.copy_(layer.running_mean)
+            out.running_var.copy_(layer.running_var)
+            out.num_batches_tracked.copy_(layer.num_batches_tracked)
+    out.train(layer.training)
+    return out
+
+
 _PLAIN_BATCHNORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+_SYNCED = (CPUSyncBatchNorm, torch.nn.SyncBatchNorm)
 
 
-def convert_sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Module:
+def _sync_plain(layer: torch.nn.Module, device_type: str) -> torch.nn.Module:
+    if device_type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(layer)
+    return cpu_sync_batchnorm(layer)
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device_type: str, convert_layer=None) -> torch.nn.Module:
     """Make every BatchNorm synchronise over ranks: torch's SyncBatchNorm on GPUs, ours on CPU.
 
-    Only torch's own BatchNorm1d/2d/3d are converted. A subclass that does more in its forward
-    (timm's BatchNormAct2d applies its activation) would lose it in either converter, so it is
-    refused with a ValueError naming it; a network without BatchNorm (a ViT) is returned as it is."""
-    odd = [f"{name} ({type(m).__name__})" for name, m in module.named_modules()
-           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and type(m) not in _PLAIN_BATCHNORMS
-           and not isinstance(m, (CPUSyncBatchNorm, torch.nn.SyncBatchNorm))]
+    torch's own BatchNorm1d/2d/3d are converted here. A subclass that does more in its forward
+    (timm's BatchNormAct2d applies its activation) would lose it in either converter: it is given
+    to ``convert_layer(layer, device_type)`` (the backbone family's hook,
+    ``swav.models.Family.sync_norm_layer``), which returns a synchronised layer that keeps what
+    else it computes and its state-dict keys, or None. Layers that nothing converts are refused,
+    before anything is changed, with a ValueError naming them. A network without BatchNorm (a ViT)
+    is returned as it is; the others are changed in place (and returned)."""
+    swaps: dict[str, torch.nn.Module] = {}
+    made: dict[int, torch.nn.Module | None] = {}  # a layer used in two places stays one layer
+    odd = []
+    for name, m in module.named_modules(remove_duplicate=False):
+        if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or isinstance(m, _SYNCED):
+            continue
+        if id(m) not in made:
+            made[id(m)] = _sync_plain(m, device_type) if type(m) in _PLAIN_BATCHNORMS else \
+                convert_layer(m, device_type) if convert_layer is not None else None
+        if made[id(m)] is None:
+            odd.append(f"{name or 'the module'} ({type(m).__name__})")
+        else:
+            swaps[name] = made[id(m)]
     if odd:
         raise ValueError(f"model.sync_bn: {len(odd)} BatchNorm layer(s) of a kind that cannot be synchronised "
                          f"without losing what else they compute: {', '.join(odd[:3])}"
                          f"{', ...' if len(odd) > 3 else ''}; set model.sync_bn=false (each process then "
                          "normalises over its own part of the batch)")
-    if device_type != "cpu":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_cpu_sync(module)
-
-
-def _to_cpu_sync(module: torch.nn.Module) -> torch.nn.Module:
-    out = module
-    if type(module) in _PLAIN_BATCHNORMS:
-        out = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
-        with torch.no_grad():
-            if module.affine:
-                out.weight.copy_(module.weight)
-                out.bias.copy_(module.bias)
-            if module.track_running_stats:
-                out.running_mean.copy_(module.running_mean)
-                out.running_var.copy_(module.running_var)
-                out.num_batches_tracked.copy_(module.num_batches_tracked)
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, _to_cpu_sync(child))
-    return out
+    if "" in swaps:  # the module is itself a BatchNorm
+        return swaps[""]
+    for name, new in swaps.items():  # parents before their children (named_modules' order)
+        parent, _, leaf = name.rpartition(".")
+        module.get_submodule(parent).add_module(leaf, new)
+    return module

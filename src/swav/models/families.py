@@ -11,7 +11,9 @@ A backbone maps images (B, C, H, W) to pooled features (B, num_features) and say
   strictly (:meth:`Family.export_state_dict`, :meth:`Family.load_export_state_dict`);
 * which parameters its library keeps out of weight decay (timm's ``no_weight_decay()``), beside
   norms and biases, which :func:`decay_groups` finds by module kind for every family;
-* the smallest input it takes (:meth:`Family.min_input_size`).
+* the smallest input it takes (:meth:`Family.min_input_size`);
+* how to synchronise its own BatchNorm layers over the processes of a job where they compute more
+  than the normalisation (timm's BatchNormAct2d: :meth:`Family.sync_norm_layer`).
 
 Build, eval, export, report and bench ask the family of an arch (:func:`family_of`); none of them
 tests a family's name. Optional libraries are imported inside their family only; a missing one
@@ -281,6 +283,16 @@ class Family:
         biases: timm's ``no_weight_decay()`` (position embeddings, class tokens)."""
         names = getattr(backbone, "no_weight_decay", None)
         return set(names()) if callable(names) else set()
+
+    # ---- distributed training
+    def sync_norm_layer(self, layer: nn.Module, device_type: str) -> nn.Module | None:
+        """For ``model.sync_bn`` over several processes: a synchronised replacement of one of the
+        family's own BatchNorm subclasses (one whose forward computes more than the normalisation,
+        such as timm's BatchNormAct2d), on ``device_type`` ("cpu" or a GPU's), that keeps what else
+        the layer computes and its state-dict keys; None for a layer the family does not know.
+        :func:`swav.distributed.convert_sync_batchnorm` converts torch's own BatchNorms itself, asks
+        this for the others and refuses those left."""
+        return None
 
     # ---- inputs
     def min_input_size(self, backbone: nn.Module, in_chans: int, sizes) -> dict[int, tuple[int | None, str]]:

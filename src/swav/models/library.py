@@ -12,9 +12,10 @@ import difflib
 import torch
 from torch import nn
 
+from swav.distributed import CPUSyncBatchNorm, cpu_sync_batchnorm
 from swav.models.families import Family, adapt_input_weight
 
-__all__ = ["LibraryBackbone", "TimmFamily", "TorchvisionFamily"]
+__all__ = ["LibraryBackbone", "TimmFamily", "TorchvisionFamily", "CPUSyncBatchNormAct"]
 
 
 class LibraryBackbone(nn.Module):
@@ -74,6 +75,22 @@ class _LibraryFamily(Family):
 # --------------------------------------------------------------------------------------------
 # timm
 # --------------------------------------------------------------------------------------------
+class CPUSyncBatchNormAct(CPUSyncBatchNorm):
+    """timm's ``BatchNormAct2d`` synchronised over the processes of a CPU job (gloo): the
+    normalisation of :class:`swav.distributed.CPUSyncBatchNorm` (statistics of the global batch),
+    then the layer's own ``drop`` and ``act``, as ``BatchNormAct2d.forward`` applies them after its
+    batch norm (and timm's ``SyncBatchNormAct`` on GPUs). Its state-dict keys are the layer's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> "CPUSyncBatchNormAct":
+        out = cpu_sync_batchnorm(layer, cls)
+        out.drop, out.act = layer.drop, layer.act
+        return out
+
+
 class TimmFamily(_LibraryFamily):
     """``timm/<name>``: ``timm.create_model(name, num_classes=0, in_chans=model.in_chans,
     **model.kwargs)``. Models that take ``dynamic_img_size`` (ViTs and their kin) get it on unless
@@ -122,6 +139,18 @@ class TimmFamily(_LibraryFamily):
 
     def classifier_names(self, backbone):
         return [h for h in backbone.classifier.split(",") if h]
+
+    def sync_norm_layer(self, layer, device_type):
+        """timm's BatchNormAct2d (EfficientNet, MobileNetV3, RegNet, ...): timm's own SyncBatchNormAct
+        on GPUs (``timm.layers.convert_sync_batchnorm``), :class:`CPUSyncBatchNormAct` on CPU; both
+        apply the layer's drop and act after the synchronised normalisation."""
+        from timm.layers import BatchNormAct2d, convert_sync_batchnorm
+
+        if type(layer) is not BatchNormAct2d:  # a subclass may compute more still
+            return None
+        if device_type != "cpu":
+            return convert_sync_batchnorm(layer)
+        return CPUSyncBatchNormAct.of(layer)
 
 
 # --------------------------------------------------------------------------------------------

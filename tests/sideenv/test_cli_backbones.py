@@ -6,10 +6,14 @@ networks, colour for torchvision's; crops of two sizes), then ``swav eval knn``,
 ``swav export`` work on the run; each export loads with strict keys into the real library's model
 and gives our features to float32 rounding; the ONNX exports give onnxruntime features equal to
 PyTorch's within 1e-4 relative at two batch sizes. The ViT (drop-path on) resumes after SIGKILL to
-exactly the weights of an uninterrupted run.
+exactly the weights of an uninterrupted run. On the timm ViT's and torchvision MobileNet's runs, the
+other evaluations too: ``swav eval linear``, ``eval finetune``, ``eval clusters``, ``swav cluster``
+and ``swav report``.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 import signal
@@ -39,6 +43,7 @@ CASES = {
     "tv-mobilenet": ("torchvision/mobilenet_v3_small", {}, 3, [32, 16], []),
 }
 ONNX_CASES = ("timm-vit", "tv-mobilenet")  # with ResNet-50 in test_onnx.py: every family
+EVAL_CASES = ("timm-vit", "tv-mobilenet")  # eval linear, finetune, clusters, cluster and report: one run per library
 REL = 1e-5  # features of the same weights in the same library and thread count: float32 rounding
 
 
@@ -187,3 +192,114 @@ def test_vit_with_drop_path_resumes_after_sigkill_to_the_same_weights(tmp_path, 
         assert torch.equal(a["model"][k], b["model"][k]), f"{k} differs after the resume (killed at step {killed_at})"
     # drop-path draws: with them off at the resume point the weights would differ (the check can fail)
     assert a["config"]["model"]["kwargs"]["drop_path_rate"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# every evaluation: linear, finetune, clusters, cluster, report (one timm and one torchvision run)
+# --------------------------------------------------------------------------------------------
+RECORD_FIELDS = {"command", "metrics", "init_metrics", "dataset", "checkpoint", "seconds", "version"}
+EVALS = {  # result file name -> the command's words; small: 2 epochs, a few hundred images
+    "linear": ["linear", "--epochs", 2, "--no-augment", "--max-train", 128, "--max-test", 64],
+    "finetune-10pct": ["finetune", "--percent", 10, "--epochs", 2, "--max-test", 32],
+    "clusters": ["clusters", "--max-test", 64],
+}
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def evaluated(run):
+    """``swav eval linear | finetune | clusters`` once on the run (each against the same network at
+    initialisation): ``(name, run folder, {result name: record}, checkpoint digest before them)``."""
+    name, out = run
+    digest = _sha256(out / "checkpoint.pt")
+    records = {}
+    for result, words in EVALS.items():
+        assert swav.cli.main(["eval", *map(str, words), str(out), "--quiet"]) == 0, words
+        records[result] = json.loads((out / "eval" / f"{result}.json").read_text())
+    return name, out, records, digest
+
+
+def _check_record(rec: dict, out, metrics: set[str]) -> None:
+    assert set(rec) == RECORD_FIELDS and set(rec["metrics"]) == set(rec["init_metrics"]) == metrics
+    assert rec["dataset"] == "fashion-mnist" and rec["checkpoint"] == str((out / "checkpoint.pt").resolve())
+    assert all(isinstance(v, float) and np.isfinite(v) for m in (rec["metrics"], rec["init_metrics"]) for v in m.values())
+
+
+@pytest.mark.parametrize("run", EVAL_CASES, indirect=True)
+def test_eval_linear(evaluated):
+    name, out, records, _ = evaluated
+    rec = records["linear"]
+    _check_record(rec, out, {"linear_top1", "linear_top5", "linear_best_top1", "linear_best_top5"})
+    assert rec["command"].startswith("swav eval linear")
+    for m in (rec["metrics"], rec["init_metrics"]):
+        assert 0 <= m["linear_top1"] <= m["linear_top5"] <= 100 and 0 <= m["linear_best_top1"] <= 100
+        assert m["linear_best_top1"] >= m["linear_top1"] and m["linear_best_top5"] >= m["linear_top5"]
+
+
+@pytest.mark.parametrize("run", EVAL_CASES, indirect=True)
+def test_eval_finetune_leaves_the_run_as_it_was(evaluated):
+    """Fine-tuning trains a copy of the backbone: the run's checkpoint is the same file afterwards,
+    and the network the evaluations load holds exactly its backbone weights."""
+    name, out, records, digest = evaluated
+    rec = records["finetune-10pct"]
+    _check_record(rec, out, {"finetune_10pct_top1", "finetune_10pct_top5"})
+    assert all(0 <= m["finetune_10pct_top1"] <= m["finetune_10pct_top5"] <= 100
+               for m in (rec["metrics"], rec["init_metrics"]))
+    subset = out / "eval" / "finetune-subset-10pct-seed0.txt"
+    labels = [int(line.split("\t")[1]) for line in subset.read_text().splitlines() if not line.startswith("#")]
+    assert sorted(set(labels)) == list(range(10))  # a class-balanced 10 % of the labels: every class
+    assert _sha256(out / "checkpoint.pt") == digest
+    saved = load_run_state(out / "checkpoint.pt")["model"]
+    loaded = load_weights(out).backbone.state_dict()
+    assert loaded.keys() == {k[len("backbone."):] for k in saved if k.startswith("backbone.")}
+    assert all(torch.equal(v, saved[f"backbone.{k}"]) for k, v in loaded.items())
+
+
+@pytest.mark.parametrize("run", EVAL_CASES, indirect=True)
+def test_eval_clusters(evaluated):
+    name, out, records, _ = evaluated
+    rec = records["clusters"]
+    _check_record(rec, out, {"nmi", "ari", "purity", "hungarian_acc", "prototypes_used"})
+    k = load_weights(out).model.prototypes.weights()[0].shape[0]
+    for m in (rec["metrics"], rec["init_metrics"]):  # purity: at least the largest class, 10 % of 64 here
+        assert 0 <= m["nmi"] <= 1 and -1 <= m["ari"] <= 1 and 10 <= m["purity"] <= 100
+        assert 0 < m["hungarian_acc"] <= 100 and 1 <= m["prototypes_used"] <= k
+
+
+@pytest.mark.parametrize("run", EVAL_CASES, indirect=True)
+def test_cluster_gives_each_image_its_nearest_prototype(run, tmp_path):
+    """``swav cluster`` writes one row per image of the split, naming the prototype whose cosine score
+    with the image's projection (``swav embed --features projection``) is the highest, and that score."""
+    name, out = run
+    assert swav.cli.main(["cluster", str(out), "--split", "test", "--out", str(tmp_path / "a.csv"), "--quiet"]) == 0
+    with open(tmp_path / "a.csv", newline="", encoding="utf-8") as f:
+        header, *rows = list(csv.reader(f))
+    assert swav.cli.main(["embed", str(out), "--split", "test", "--features", "projection", "--out",
+                          str(tmp_path / "emb"), "--quiet"]) == 0
+    z = torch.from_numpy(np.load(tmp_path / "emb" / "features.npy"))
+    files = (tmp_path / "emb" / "files.txt").read_text().splitlines()
+    assert header == ["path", "prototype", "score"] and len(rows) == len(files) == 128
+    assert sorted(r[0] for r in rows) == sorted(files) and len(set(files)) == 128  # each image once
+    protos = torch.nn.functional.normalize(load_weights(out).model.prototypes.weights()[0].detach(), dim=1)
+    scores = z @ protos.t()  # (128, K) cosine scores
+    # the file's "%.6f" (half a unit: 5e-7), and two float32 dot products of unit vectors of length D
+    # computed in different orders (each within D ulps of 1 of the exact one)
+    tol = 5e-7 + 2 * z.shape[1] * torch.finfo(torch.float32).eps
+    row_of = {r[0]: r for r in rows}
+    for i, path in enumerate(files):
+        p, s = int(row_of[path][1]), float(row_of[path][2])
+        assert abs(s - scores[i, p]) <= tol and scores[i, p] >= scores[i].max() - tol, (path, p, s)
+
+
+@pytest.mark.parametrize("run", EVAL_CASES, indirect=True)
+def test_report_names_the_backbone_and_the_evaluations(evaluated):
+    name, out, records, _ = evaluated
+    arch = CASES[name][0]
+    assert swav.cli.main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert f"{arch} ({arch.split('/')[0]}" in page  # the model row: arch (family, settings)
+    for result in records:
+        assert f"eval/{result}.json" in page, result

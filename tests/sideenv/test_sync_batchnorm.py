@@ -41,14 +41,14 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int) -> None:
-    import os
+    import timm.layers  # noqa: F401  (imported before the group exists, as in a run)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    D.init_distributed("cpu")
+    D.init_distributed("cpu", environ={"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     try:
         _sync_bn_act_equals_bn_act_over_the_global_batch(rank)
+        D.barrier()  # neither rank tears the group down while the other is still in a collective
     finally:
         D.cleanup()
 

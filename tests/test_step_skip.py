@@ -13,7 +13,7 @@ import swav.step as step_mod
 from swav.benchmark import _learner, synthetic_images
 from swav.config import make_config
 from swav.data.multicrop import slice_params
-from swav.optim import LARS
+from swav.optim import LARS, build_optimizer, load_optimizer_state
 
 
 def _net():
@@ -141,14 +141,20 @@ def test_lars_under_grad_scaler_takes_its_overflow_on_the_device():
     assert scaler.get_scale() == 2.0 ** 9
 
 
-@pytest.mark.parametrize("optimizer, precision", [("lars", "fp16"), ("adamw", "fp32"), ("sgd", "fp32")])
+@pytest.mark.parametrize("optimizer, precision", [("lars", "fp16"), ("adamw", "fp32"), ("sgd", "fp32"),
+                                                  ("adamw-fused", "fp32")])
 def test_a_bad_step_leaves_the_optimizer_and_scaler_as_before(optimizer, precision):
     """train_step with a non-finite loss: the model, the optimizer's state (momentum, AdamW's step
-    counts and moments) and the GradScaler's scale and growth count are what they were."""
+    counts and moments) and the GradScaler's scale and growth count are what they were. The fused
+    AdamW (what CUDA runs get; torch has it on the CPU too) takes the verdict as its found_inf."""
     if precision == "fp16" and not hasattr(torch.amp, "GradScaler"):
         pytest.skip("torch < 2.3 has no CPU GradScaler")
-    cfg = make_config("smoke", overrides=[f"optim.optimizer={optimizer}", f"train.precision={precision}"])
+    cfg = make_config("smoke", overrides=[f"optim.optimizer={optimizer.split('-')[0]}", f"train.precision={precision}"])
     learner, _ = _learner(cfg, torch.device("cpu"), 1, precision)
+    if optimizer == "adamw-fused":
+        learner.optimizer = build_optimizer(learner.raw_model, "adamw", cfg.optim.lr, cfg.optim.weight_decay,
+                                            fused=True)
+        assert learner.optimizer._step_supports_amp_scaling
     images = synthetic_images(16, 1, 28, 28)
     params = slice_params(learner.multicrop.sample_params(16, torch.Generator().manual_seed(0)), 0, 16)
     for _ in range(2):
@@ -179,3 +185,44 @@ def _flat(state_dict: dict) -> dict:
         for k, v in st.items():
             out[f"{p}.{k}"] = torch.as_tensor(v)
     return out
+
+
+def test_a_fused_adamw_resumed_from_a_cpu_checkpoint_stays_fused():
+    """A checkpoint of a plain AdamW (a CPU run's: its groups say fused=None) loaded into the fused
+    one a CUDA run builds: it still runs fused and takes the skip flag (torch's plain AdamW would
+    refuse a found_inf), and the state it took over is the checkpoint's."""
+    net = _net()
+    plain = build_optimizer(net, "adamw", 0.01, 0.05, fused=False)
+    _grads(net, 1)
+    plain.step()
+    saved = plain.state_dict()
+    assert saved["param_groups"][0]["fused"] is None
+    fused = build_optimizer(net, "adamw", 0.01, 0.05, fused=True)
+    load_optimizer_state(fused, saved)
+    assert all(g["fused"] is True for g in fused.param_groups)
+    before = [p.detach().clone() for p in net.parameters()]
+    _grads(net, 2)
+    fused.grad_scale, fused.found_inf = None, torch.tensor(1.0)
+    fused.step()  # skipped on the device
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    assert all(int(fused.state[p]["step"]) == 1 for p in net.parameters())
+    del fused.grad_scale, fused.found_inf
+    fused.step()
+    assert all(int(fused.state[p]["step"]) == 2 for p in net.parameters())
+    assert not all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+def test_lars_loads_a_checkpoint_from_before_lars_exclude():
+    """Groups saved before the per-group ``lars_exclude`` existed step as groups without it."""
+    net = _net()
+    old = _lars(net)
+    _grads(net, 1)
+    old.step()
+    saved = old.state_dict()
+    for g in saved["param_groups"]:
+        del g["lars_exclude"]
+    new = _lars(net)
+    load_optimizer_state(new, saved)
+    assert [g["lars_exclude"] for g in new.param_groups] == [False, False]
+    _grads(net, 2)
+    new.step()

@@ -86,7 +86,7 @@ def build_training_state(cfg: Config, device: torch.device, world: int, precisio
     if world > 1 and cfg.model.sync_bn and has_bn:
         model = dist_utils.convert_sync_batchnorm(model, device.type, family.sync_norm_layer)
     model = model.to(device)
-    if cfg.train.channels_last:
+    if cfg.train.channels_last is True:  # "auto" is resolved by build_learner
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     no_decay = {f"backbone.{n}" for n in family.no_weight_decay(model.backbone)}

@@ -101,6 +101,12 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._plans: dict[tuple, list[_LarsBucket]] = {}
 
+    def __setstate__(self, state: dict) -> None:
+        """Also after ``load_state_dict``: groups saved before ``lars_exclude`` existed get False."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("lars_exclude", False)
+
     @torch.no_grad()
     def step(self, closure=None, *, found_inf: torch.Tensor | None = None):
         loss = None
@@ -233,7 +239,8 @@ def _split_decay(model: nn.Module, no_weight_decay=()) -> tuple[list, list]:
 
 def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float = 1e-6,
                     momentum: float = 0.9, lars_eta: float = 0.001,
-                    exclude_bias_and_bn: bool = False, no_weight_decay=()) -> torch.optim.Optimizer:
+                    exclude_bias_and_bn: bool = False, no_weight_decay=(), fused: bool | None = None
+                    ) -> torch.optim.Optimizer:
     """Build the pretraining optimiser.
 
     Args:
@@ -249,7 +256,7 @@ def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float =
             ``weight_decay=0`` (and ``lars_exclude=True`` for LARS).
         no_weight_decay: full parameter names of ``model_or_params`` (a module) to exclude too.
 
-    SGD and AdamW on CUDA parameters use torch's fused implementation (``fused=True``).
+    ``fused``: AdamW through torch's fused kernels (default: where every parameter is on CUDA).
     """
     module = model_or_params if isinstance(model_or_params, nn.Module) else None
     if module is not None:
@@ -272,16 +279,32 @@ def build_optimizer(model_or_params, name: str, lr: float, weight_decay: float =
     if key == "lars":
         return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta,
                     exclude_bias_and_bn=exclude_bias_and_bn and module is None and not groups_given)
-    # torch's fused kernels on CUDA: a few kernels a step, and a skip flag on the device
-    # (found_inf, see swav.step), so a non-finite step never makes the host wait
-    fused = {"fused": True} if all(p.is_cuda for p in _flat(params)) else {}
     if key == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **fused)
+        # not fused: torch's fused SGD fails on a step where some parameters already have momentum
+        # and others (the prototypes, frozen at first) do not, and keeps uninitialised momentum
+        # after a skipped first step
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if fused is None:  # torch's fused AdamW on CUDA: a few kernels, and the skip flag on the device
+        fused = all(p.is_cuda for p in _flat(params))
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
 
 
 def _flat(params: list) -> list[torch.Tensor]:
     return [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
+
+
+#: Parameter-group settings that say how an optimizer runs, not where it stands: a checkpoint
+#: written on another device or by an older version keeps the ones of the optimizer it is loaded into.
+_HOW_IT_RUNS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping its own :data:`_HOW_IT_RUNS` settings (a fused
+    AdamW that takes the device-side skip flag stays fused when the checkpoint came from a CPU)."""
+    how = [{k: g[k] for k in _HOW_IT_RUNS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, how):
+        group.update(own)
 
 
 def cosine_schedule(base_lr: float, final_lr: float, epochs: float, steps_per_epoch: int,

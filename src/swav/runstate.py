@@ -13,6 +13,7 @@ from swav import __version__
 from swav import distributed as dist_utils
 from swav.checkpoint import CHECKPOINT_NAME, link_atomic, load_run_state, save_atomic
 from swav.config import Config, ConfigError, diff_configs, from_dict, to_dict
+from swav.optim import load_optimizer_state
 from swav.plan import StepPlan
 from swav.queue import FeatureQueue
 from swav.runrecord import RUN_RECORD_NAME, RunRecord, RunRecordError
@@ -76,7 +77,7 @@ class RunState:
         """Take over a checkpoint written by ``to_checkpoint`` (any earlier number of ranks)."""
         L = self.learner
         L.raw_model.load_state_dict(state["model"])
-        L.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(L.optimizer, state["optimizer"])
         if L.scaler is not None and state.get("scaler"):
             L.scaler.load_state_dict(state["scaler"])
         spe = self.plan.steps_per_epoch

@@ -88,3 +88,21 @@ def test_prepare_command(source, tmp_path, capsys):
     assert "data.max_side" in capsys.readouterr().err
     img = decode_image(str(out / "cats" / "big.jpg"))
     assert img.dtype == torch.uint8
+
+
+def test_a_file_whose_header_is_a_decompression_bomb_is_listed_not_fatal(tmp_path):
+    """A small JPEG whose header claims 60000x60000 pixels: decoding refuses it as a bomb (as
+    training does) and prepare lists it among the skipped files and writes the others."""
+    src = tmp_path / "src"
+    good = _photo(src / "a" / "good.jpg", 300, 200, 3)
+    bomb = _photo(src / "a" / "bomb.jpg", 16, 16, 4)
+    data = bytearray(bomb.read_bytes())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2
+    bomb.write_bytes(bytes(data))
+    with pytest.raises(Exception):
+        decode_image(str(bomb), **DECODE)
+    res = prepare_folder(src, tmp_path / "out", decode=DECODE, workers=1)
+    assert [rel for rel, _ in res.skipped] == [os.path.join("a", "bomb.jpg")]
+    assert "bomb" in res.skipped[0][1]
+    assert (tmp_path / "out" / "a" / good.name).exists()

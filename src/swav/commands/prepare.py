@@ -12,7 +12,7 @@ def register(sub) -> None:
         help="write a folder of photos again at the size training decodes them at (once; every epoch then "
              "decodes small files)",
         description="Decode every image below SRC at the size `swav pretrain` decodes it at (data.max_side: by "
-                    "default the smallest size at which no crop of the recipe loses detail, 691 px geometric-"
+                    "default the smallest size at which no crop of the recipe loses detail, 692 px geometric-"
                     "mean side for the paper's 224-px crops) and write it below DIR with the same sub-folders "
                     "and names. JPEGs stay JPEG, PNGs PNG, other formats become PNG (name + .png); files already "
                     "small enough are copied as they are; unusable files are listed in DIR/skipped.tsv. Rerun "

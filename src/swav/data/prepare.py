@@ -95,7 +95,16 @@ def _open_manifest(out: Path, settings: dict) -> None:
 
 def _copyable(path: str, decode: dict) -> bool:
     """A JPEG whose stored pixels are what decoding gives: at or below the decode size, upright,
-    in the colour mode asked for (its bytes can be copied as they are)."""
+    in the colour mode asked for (its bytes can be copied as they are). Any trouble reading its
+    header (a decompression bomb, a broken EXIF block) makes it not copyable: decoding, with the
+    training's bad-file policy, then decides whether the file is usable."""
+    try:
+        return _copyable_header(path, decode)
+    except Exception:  # noqa: BLE001 - decode_image reports it as a skipped file
+        return False
+
+
+def _copyable_header(path: str, decode: dict) -> bool:
     with Image.open(path) as im:
         if im.format != "JPEG" or im.mode != ("RGB" if decode.get("in_chans", 3) == 3 else "L"):
             return False

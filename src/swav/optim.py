@@ -300,11 +300,15 @@ _HOW_IT_RUNS = ("fused", "foreach", "capturable", "differentiable")
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """``optimizer.load_state_dict(state)``, keeping its own :data:`_HOW_IT_RUNS` settings (a fused
-    AdamW that takes the device-side skip flag stays fused when the checkpoint came from a CPU)."""
+    AdamW that takes the device-side skip flag stays fused when the checkpoint came from a CPU).
+    They are put into the saved groups before loading, so torch places the state by them (a fused
+    AdamW's step counts go to its parameters' device)."""
     how = [{k: g[k] for k in _HOW_IT_RUNS if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, own in zip(optimizer.param_groups, how):
-        group.update(own)
+    groups = state["param_groups"]
+    if len(groups) != len(how):
+        raise ValueError(f"the checkpoint's optimizer has {len(groups)} parameter group(s), this run's "
+                         f"{len(how)}: it was written by another optimizer setting")
+    optimizer.load_state_dict({**state, "param_groups": [{**g, **own} for g, own in zip(groups, how)]})
 
 
 def cosine_schedule(base_lr: float, final_lr: float, epochs: float, steps_per_epoch: int,

@@ -49,6 +49,28 @@ def write_fake_fashion_mnist(folder: Path, n_train: int = 512, n_test: int = 128
     return folder
 
 
+@pytest.fixture
+def nan_loss_step():
+    """``run(learner, images, params, lr)``: one ``train_step`` whose loss is made non-finite (the
+    objective's loss times NaN), for the tests that a bad step is undone."""
+    import swav.step as step_mod
+
+    def run(learner, images, params, lr):
+        real = step_mod.swav_objective
+
+        def poisoned(*args, **kwargs):
+            loss, full = real(*args, **kwargs)
+            return loss * float("nan"), full
+
+        step_mod.swav_objective = poisoned
+        try:
+            return step_mod.train_step(learner, images, None, params, lr)
+        finally:
+            step_mod.swav_objective = real
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def fake_fmnist(tmp_path_factory) -> Path:
     return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
